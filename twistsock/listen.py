@@ -1,0 +1,208 @@
+"""
+C{[SERVICE@]ENDPOINT} to a listening service.
+
+ENDPOINT is any Twisted server endpoint string.  The service name is the text
+before C{@}, when the text before the first C{:} contains one; otherwise the
+service is C{echo}.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._format import describe
+from .services import SERVICES, ServiceConfig, ServiceFactory
+
+DEFAULT_SERVICE = "echo"
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """One C{--listen} argument: a service name and a server endpoint string."""
+
+    service: str
+    endpoint: str
+
+    def __str__(self) -> str:
+        return f"{self.service}@{self.endpoint}"
+
+
+def parseListen(text: str) -> ListenSpec:
+    """
+    Split C{[SERVICE@]ENDPOINT} and check both parts.
+
+    @raise ValueError: unknown service or malformed endpoint string, with a
+        message fit for a usage error.
+    """
+    head = text.split(":", 1)[0]
+    service, endpoint = text.split("@", 1) if "@" in head else (DEFAULT_SERVICE, text)
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r} in {text!r} (known: {', '.join(SERVICES)})")
+    if not endpoint:
+        raise ValueError(f"no endpoint in {text!r}")
+    try:
+        # Endpoint parsers only record the reactor; parsing with a stand-in
+        # checks the syntax (and reads certificate files) before any reactor
+        # is installed, so `twist --reactor=...` still works.
+        serverFromString(_ParseOnlyReactor(), endpoint)
+    except Exception as e:  # every parser error is a usage error here
+        raise ValueError(f"bad endpoint {endpoint!r}: {_reason(e)}") from e
+    return ListenSpec(service, endpoint)
+
+
+class _ParseOnlyReactor:
+    """A reactor stand-in for parsing endpoint strings; it has no methods."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AttributeError(f"endpoint parsers only store the reactor; {name} used while parsing")
+
+
+def _reason(error: BaseException) -> str:
+    """The part of an exception a user needs: the OS error text if there is one."""
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        return _reason(error.socketError)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+class ListenFailed(Exception):
+    """A listening service could not listen; the message is one line for the user."""
+
+
+class ListeningService(Service):
+    """
+    Listen on one endpoint with one service while running; log the real
+    address once listening.
+
+    Listening starts in L{privilegedStartService} (C{twistd}) or
+    L{startService} (C{twist}).  A failure there, which is synchronous for
+    every endpoint Twisted ships, raises L{ListenFailed}; a later failure
+    calls C{onFailure} with the message.
+    """
+
+    log = Logger()
+    port: IListeningPort | None = None
+
+    def __init__(
+        self,
+        spec: ListenSpec,
+        endpoint: IStreamServerEndpoint,
+        factory: ServiceFactory,
+        onFailure: Callable[[str], None],
+    ) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.factory = factory
+        self.onFailure = onFailure
+        self.name = str(spec)
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._listening is not None:
+            return
+        failedNow: list[str] = []
+        starting = True
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.log.info(
+                "{service} listening on {address} ({endpoint})",
+                service=self.spec.service,
+                address=describe(port.getHost()),
+                endpoint=self.spec.endpoint,
+            )
+            return port
+
+        def failed(reason: Failure) -> None:
+            message = f"cannot listen on {self.spec.endpoint} ({self.spec.service}): {_reason(reason.value)}"
+            if starting:
+                failedNow.append(message)
+            else:
+                self.onFailure(message)
+
+        self._listening = self.endpoint.listen(self.factory).addCallbacks(listening, failed)
+        starting = False
+        if failedNow:
+            raise ListenFailed(failedNow[0])
+
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
+        listening.cancel()
+
+        def stop(port: IListeningPort | None) -> object:
+            return port.stopListening() if port is not None else None
+
+        return listening.addCallback(stop)
+
+
+class SocketsService(MultiService):
+    """
+    The listening services of one C{twist sockets}.  If any cannot listen,
+    the others are closed, one line goes to standard error, and the process
+    exits with status 1.
+    """
+
+    log = Logger()
+
+    def privilegedStartService(self) -> None:
+        self._start(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._start(super().startService)
+
+    def _start(self, start: Callable[[], None]) -> None:
+        try:
+            start()
+        except ListenFailed as e:
+            for child in self:
+                child.stopService()
+            self.running = False
+            sys.stderr.write(f"twistsock: error: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
+    def fail(self, message: str) -> None:
+        """A listen that failed after start-up: log it and exit with status 1."""
+        from twisted.internet import reactor
+
+        self.log.critical("{message}", message=message)
+        reactor.addSystemEventTrigger("after", "shutdown", _exitNow, 1)
+        reactor.stop()
+
+
+def _exitNow(status: int) -> None:
+    """End the process with C{status} once the reactor has shut down."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def listeningService(
+    spec: ListenSpec, config: ServiceConfig, onFailure: Callable[[str], None]
+) -> ListeningService:
+    """Build the service that listens for C{spec} with the running reactor."""
+    from twisted.internet import reactor
+
+    endpoint = serverFromString(reactor, spec.endpoint)
+    return ListeningService(spec, endpoint, ServiceFactory(spec.service, config), onFailure)

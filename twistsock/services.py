@@ -1,0 +1,216 @@
+"""
+The stream services, looked up by name: C{echo}, C{upper}, C{sink}, C{ack}.
+
+Each is one small L{Protocol} that knows nothing of the transport beneath it
+(TCP, TCP6, UNIX, TLS, PROXY).  What every service shares, bounded buffering
+and half-close, lives in L{StreamService}; line framing and its limit live in
+L{LineService}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._format import describe, printable
+
+#: The default longest line C{upper} and C{ack} accept, in bytes.
+DEFAULT_MAX_LINE = 64 * 1024
+
+ACK_REPLY = b"I got your message"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Settings shared by every connection of one listening service."""
+
+    #: Longest line (without its C{\\n} or C{\\r\\n}) that line services accept.
+    maxLine: int = DEFAULT_MAX_LINE
+    #: Whether C{upper} answers every line until the client closes, instead
+    #: of one line per connection as seed 002's TCPServer does.
+    keepOpen: bool = False
+
+
+@implementer(IHalfCloseableProtocol)
+class StreamService(Protocol):
+    """
+    What every stream service shares.
+
+    Bounded memory: the transport is registered as its own producer, so it
+    stops reading while more than its buffer limit waits to be sent to a peer
+    that does not read.  Half-close: when the peer shuts down its sending
+    side, L{inputEnded} runs, what is pending is sent, then the connection
+    closes.
+    """
+
+    config: ServiceConfig = ServiceConfig()
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)
+
+    def inputEnded(self) -> None:
+        """The peer will send nothing more; override to answer a last time."""
+
+    def readConnectionLost(self) -> None:
+        self.inputEnded()
+        self.finish()
+
+    def writeConnectionLost(self) -> None:
+        """Never asked for: we only close both directions."""
+
+    def finish(self) -> None:
+        """Close once everything written so far has been sent."""
+        # A paused self-producer would keep a closing transport open forever
+        # (FileDescriptor.doWrite resumes it instead of closing), so detach it.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def peer(self) -> str:
+        """The client's address as text; behind a PROXY header, the real client."""
+        return describe(self.transport.getPeer())
+
+
+class Echo(StreamService):
+    """Send back every byte received (RFC 862; seeds 001 and 004)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class Sink(StreamService):
+    """Log every message received and send nothing (seed 000's streamread)."""
+
+    log = Logger()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.log.info("{peer} -->{message}", peer=self.peer(), message=printable(data))
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.log.info("{peer} Ending connection", peer=self.peer())
+
+
+class LineService(StreamService):
+    """
+    Call L{lineReceived} for each line ending in C{\\n} or C{\\r\\n}; a last
+    line without an ending counts when the peer half-closes.  A line longer
+    than C{config.maxLine} gets a one-line error reply and the connection
+    closes.  Unless L{keepOpen} is true, the connection closes after the
+    first line.
+    """
+
+    _buffer: bytearray
+    _done = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._buffer = bytearray()
+
+    def keepOpen(self) -> bool:
+        """Whether to answer more than one line per connection."""
+        return self.config.keepOpen
+
+    def lineReceived(self, line: bytes) -> None:
+        """Answer one line (without its ending)."""
+        raise NotImplementedError
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        buffer = self._buffer
+        # Only the new bytes can hold a line ending we have not seen yet: a
+        # line that arrives one byte at a time costs linear time, not quadratic.
+        start = len(buffer)
+        buffer += data
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            start = 0
+            if not self._line(line[:-1] if line.endswith(b"\r") else line):
+                return
+        # One byte more than the limit may be the "\r" of a "\r\n" ending.
+        if len(buffer) > self.config.maxLine + 1:
+            self._tooLong()
+
+    def inputEnded(self) -> None:
+        if self._buffer and not self._done:
+            self._line(bytes(self._buffer))
+
+    def _line(self, line: bytes) -> bool:
+        """Answer one line; return whether to go on reading."""
+        if len(line) > self.config.maxLine:
+            self._tooLong()
+            return False
+        self.lineReceived(line)
+        if not self.keepOpen():
+            self._stop()
+            return False
+        return True
+
+    def _tooLong(self) -> None:
+        self.transport.write(b"error: line longer than %d bytes\n" % (self.config.maxLine,))
+        self._stop()
+
+    def _stop(self) -> None:
+        self._done = True
+        self._buffer.clear()
+        self.finish()
+
+
+class Upper(LineService):
+    """
+    Reply to each line with it upper-cased, plus C{\\n} (seed 002's Java
+    TCPServer).  Only ASCII letters change: every other byte, UTF-8 or
+    binary, comes back as it was, so the reply is never longer than the line.
+    """
+
+    def lineReceived(self, line: bytes) -> None:
+        self.transport.write(line.upper() + b"\n")
+
+
+class Ack(LineService):
+    """
+    Log the message and reply C{I got your message} (seed 003's server):
+    one message, a line, per connection.
+    """
+
+    log = Logger()
+
+    def keepOpen(self) -> bool:
+        return False
+
+    def lineReceived(self, line: bytes) -> None:
+        self.log.info("{peer} Here is the message: {message}", peer=self.peer(), message=printable(line))
+        self.transport.write(ACK_REPLY)
+
+
+#: The stream services by the name C{--listen SERVICE@ENDPOINT} uses.
+SERVICES: dict[str, type[StreamService]] = {
+    "echo": Echo,
+    "upper": Upper,
+    "sink": Sink,
+    "ack": Ack,
+}
+
+
+class ServiceFactory(Factory):
+    """Build the protocols of one named service, all sharing one L{ServiceConfig}."""
+
+    noisy = False
+
+    def __init__(self, name: str, config: ServiceConfig = ServiceConfig()) -> None:
+        self.name = name
+        self.protocol = SERVICES[name]
+        self.config = config
+
+    def buildProtocol(self, addr: object) -> StreamService:
+        protocol = self.protocol()
+        protocol.factory = self
+        protocol.config = self.config
+        return protocol
+
+    def logPrefix(self) -> str:
+        return self.name
