@@ -1,0 +1,175 @@
+"""
+The C{twistsock} command: argument parsing and output over L{twistsock.client}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+from twisted.internet import defer, task
+
+from . import __version__, client
+from ._format import isIPv6Literal
+
+#: Exit statuses, as documented in the README and in --help.
+EXIT_STATUSES = {
+    0: "success",
+    1: "connection failed or lost",
+    2: "unknown host",
+    3: "connection refused",
+    4: "timeout",
+    5: "echo mismatch",
+    64: "usage error",
+}
+
+_EPILOG = (
+    "TARGET is a Twisted client endpoint string (tcp:127.0.0.1:5000, "
+    "unix:path=/tmp/echo.sock) or HOST PORT, where HOST may be a name or an "
+    "IPv4 or IPv6 literal (::1).\n\nexit statuses:\n"
+    + "\n".join(f"  {status:>3}  {meaning}" for status, meaning in EXIT_STATUSES.items())
+)
+
+# An endpoint string starts with its type name and a colon: "tcp:", "unix:".
+_ENDPOINT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*:")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with 64 (EX_USAGE, as `twist` does), not 2: 2 is "unknown host"."""
+
+    def error(self, message: str) -> None:
+        self.print_usage(sys.stderr)
+        self.exit(64, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="twistsock",
+        description="Clients for the twistsock services.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"twistsock {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help: str, rest: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("words", nargs="+", metavar=f"TARGET [{rest}]", help=f"where to connect, then the {rest.lower()} (default: read from standard input)")
+        sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take (default: %(default)g)")
+        return sub
+
+    command("send", "Send a message, then close (seed 000's streamwrite).", "MESSAGE")
+    echo = command("echo", "Send data, read it all back and compare (seeds 001, 004).", "MESSAGE")
+    echo.add_argument("--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)")
+    command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient).", "LINE")
+    command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
+    return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _size(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
+    """
+    Split C{TARGET [MESSAGE...]} or C{HOST PORT [MESSAGE...]}.
+
+    @raise ValueError: no usable target.
+    """
+    first, rest = words[0], list(words[1:])
+    if _ENDPOINT_TYPE.match(first) and not isIPv6Literal(first):
+        return first, rest
+    if not rest:
+        raise ValueError(f"{first!r} is neither an endpoint string (tcp:HOST:PORT) nor followed by a PORT")
+    try:
+        port = int(rest[0])
+    except ValueError:
+        raise ValueError(f"PORT must be a number, not {rest[0]!r}") from None
+    return (first, port), rest[1:]
+
+
+def _message(words: list[str]) -> bytes | None:
+    """The message words as bytes, joined by spaces as echo(1) does, or None."""
+    return os.fsencode(" ".join(words)) if words else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run C{twistsock}; exits with one of L{EXIT_STATUSES}."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        target, words = splitTarget(args.words)
+        client.endpoint(target)  # a malformed endpoint is a usage error, before anything runs
+        run = _COMMANDS[args.command](args, target, _message(words))
+    except ValueError as e:
+        parser.error(str(e))
+    task.react(_react, (run,))
+
+
+def _react(reactor: object, run: Callable[[object], defer.Deferred[None]]) -> defer.Deferred[None]:
+    def failed(reason):
+        reason.trap(client.ClientError)
+        sys.stderr.write(f"twistsock: {reason.value}\n")
+        raise SystemExit(reason.value.exitStatus)
+
+    return defer.maybeDeferred(run, reactor).addErrback(failed)
+
+
+def _out(*parts: bytes) -> None:
+    sys.stdout.buffer.write(b"".join(parts) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _send(args, target, message):
+    data = message if message is not None else sys.stdin.buffer.read()
+    return lambda reactor: client.send(target, data, timeout=args.timeout, reactor=reactor)
+
+
+def _echo(args, target, message):
+    if args.size is not None:
+        if message is not None:
+            raise ValueError("give either a MESSAGE or --size, not both")
+        data = os.urandom(args.size)
+        show = lambda echoed: _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+    else:
+        data = message if message is not None else sys.stdin.buffer.read()
+        show = lambda echoed: _out(b"Received: ", echoed)
+    return lambda reactor: client.echo(target, data, timeout=args.timeout, reactor=reactor).addCallback(show)
+
+
+def _upper(args, target, message):
+    line = message if message is not None else sys.stdin.buffer.readline()
+    line = line.rstrip(b"\r\n")
+    if b"\n" in line:
+        raise ValueError("LINE must be one line")
+    return lambda reactor: client.upper(target, line, timeout=args.timeout, reactor=reactor).addCallback(
+        lambda reply: _out(b"FROM SERVER: ", reply)
+    )
+
+
+def _ack(args, target, message):
+    if message is None:
+        if sys.stdin.isatty():
+            sys.stdout.write("Please enter the message: ")
+            sys.stdout.flush()
+        message = sys.stdin.buffer.readline()
+    message = message.rstrip(b"\r\n")
+    if b"\n" in message:
+        raise ValueError("MESSAGE must be one line")
+    return lambda reactor: client.ack(target, message, timeout=args.timeout, reactor=reactor).addCallback(_out)
+
+
+_COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack}
