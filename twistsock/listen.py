@@ -105,7 +105,6 @@ class ListeningService(Service):
         self.endpoint = endpoint
         self.factory = factory
         self.onFailure = onFailure
-        self.name = str(spec)
         self._listening: Deferred[IListeningPort] | None = None
 
     def privilegedStartService(self) -> None:

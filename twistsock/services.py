@@ -48,6 +48,7 @@ class StreamService(Protocol):
     """
 
     config: ServiceConfig = ServiceConfig()
+    _finishing = False
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.transport, True)
@@ -64,6 +65,9 @@ class StreamService(Protocol):
 
     def finish(self) -> None:
         """Close once everything written so far has been sent."""
+        if self._finishing:
+            return
+        self._finishing = True
         # A paused self-producer would keep a closing transport open forever
         # (FileDescriptor.doWrite resumes it instead of closing), so detach it.
         self.transport.unregisterProducer()

@@ -50,7 +50,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:
     """One child service per C{--listen}, under a L{SocketsService}."""
-    config = ServiceConfig(maxLine=options["max-line"], keepOpen=options["keep-open"])
+    config = ServiceConfig(maxLine=options["max-line"], keepOpen=bool(options["keep-open"]))
     root = SocketsService()
     for spec in options["listen"]:
         listeningService(spec, config, root.fail).setServiceParent(root)
