@@ -1,0 +1,184 @@
+"""
+Shared test harness: run `twist sockets` as a real process and the `twistsock`
+command against it.  Nothing here imports the reactor (that would break
+pytest --reactor=...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TWIST = str(BIN / "twist")
+TWISTD = str(BIN / "twistd")
+TWISTSOCK = str(BIN / "twistsock")
+
+#: How long a test waits for a process to say something; generous, never a measurement.
+WAIT = 30.0
+
+_LISTENING = re.compile(r"\] (\w+) listening on (\S+) \((.*)\)$")
+
+
+@dataclass
+class Listening:
+    service: str
+    address: str  # "127.0.0.1:5000", "[::1]:5000" or "unix:/path"
+    endpoint: str
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def target(self) -> str:
+        """A twistsock client endpoint string for this address."""
+        if self.address.startswith("unix:"):
+            return "unix:path=" + self.address[len("unix:") :]
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"tcp:{host.replace(':', chr(92) + ':')}:{self.port}"
+
+
+@dataclass
+class Server:
+    """A running `twist sockets` (or `twistd -n sockets`) and what it logged."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    listening: list[Listening] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def _read(self) -> None:
+        for raw in self.process.stdout:
+            line = raw.rstrip("\n")
+            with self._changed:
+                self.lines.append(line)
+                m = _LISTENING.search(line)
+                if m:
+                    self.listening.append(Listening(*m.groups()))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def waitFor(self, pattern: str, count: int = 1, timeout: float = WAIT) -> list[str]:
+        """Wait until C{count} log lines match the regular expression C{pattern}."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no {count} log lines match {pattern!r}; log:\n" + "\n".join(self.lines))
+                self._changed.wait(min(left, 0.5))
+
+    def service(self, name: str) -> Listening:
+        matches = [entry for entry in self.listening if entry.service == name]
+        assert len(matches) == 1, f"{name}: {matches}"
+        return matches[0]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(WAIT)
+        return self.process.returncode
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None) -> Server:
+    """Start `twist sockets ARGS` and wait until every --listen is listening."""
+    process = subprocess.Popen(
+        [*command, "sockets", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="backslashreplace",
+        cwd=cwd,
+    )
+    server = Server(process)
+    server._reader = threading.Thread(target=server._read, daemon=True)
+    server._reader.start()
+    expected = max(1, sum(1 for a in args if a == "--listen" or a.startswith("--listen=")))
+    try:
+        server.waitFor(r"listening on ", count=expected)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+def serve():
+    """Start servers with C{serve(*args)}; every one is stopped after the test."""
+    servers: list[Server] = []
+
+    def start(*args: str, **kwargs) -> Server:
+        server = startServer(*args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def twistsock(*args: str, input: bytes | None = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    """Run the twistsock command; stdout and stderr as bytes."""
+    return subprocess.run(
+        [TWISTSOCK, *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory) -> Path:
+    """A short directory for UNIX socket paths (they are limited to 107 bytes)."""
+    import tempfile
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_configure(config) -> None:
+    # Child processes must not inherit a coverage or warning setup that changes their output.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

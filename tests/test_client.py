@@ -1,0 +1,280 @@
+"""The client module: its protocols on memory transports, and real round trips on loopback."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistsock import client
+from twistsock.services import ServiceConfig, ServiceFactory
+
+
+def made(protocol):
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport
+
+
+def outcome(d: defer.Deferred):
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+# -- the protocols, on memory transports ---------------------------------
+
+
+def test_echo_protocol_matches_in_any_chunking():
+    protocol = client._Echo(b"abcdef")
+    transport = made(protocol)
+    assert transport.value() == b"abcdef"
+    for byte in b"abcdef":
+        protocol.dataReceived(bytes([byte]))
+    assert outcome(protocol.done) == b"abcdef"
+    assert transport.disconnecting
+
+
+def test_echo_protocol_mismatch_names_the_byte():
+    protocol = client._Echo(b"abcdef")
+    made(protocol)
+    protocol.dataReceived(b"abX")
+    failure = outcome(protocol.done)
+    assert failure.check(client.EchoMismatch)
+    assert str(failure.value) == "echo mismatch at byte 2 of 6"
+
+
+def test_echo_protocol_extra_bytes_are_a_mismatch():
+    protocol = client._Echo(b"abc")
+    made(protocol)
+    protocol.dataReceived(b"abcd")
+    assert "1 bytes more came back" in str(outcome(protocol.done).value)
+
+
+def test_echo_protocol_short_echo_is_a_mismatch():
+    protocol = client._Echo(b"abcdef")
+    made(protocol)
+    protocol.dataReceived(b"abc")
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    failure = outcome(protocol.done)
+    assert failure.check(client.EchoMismatch)
+    assert "closed after 3 of 6 bytes" in str(failure.value)
+
+
+def test_echo_protocol_empty_message():
+    protocol = client._Echo(b"")
+    made(protocol)
+    assert outcome(protocol.done) == b""
+
+
+def test_line_protocol_reads_one_line():
+    protocol = client._Line(b"hello")
+    transport = made(protocol)
+    assert transport.value() == b"hello\n"
+    protocol.dataReceived(b"HEL")
+    protocol.dataReceived(b"LO\r\nrest")
+    assert outcome(protocol.done) == b"HELLO"
+
+
+def test_line_protocol_bounds_the_reply():
+    protocol = client._Line(b"x")
+    made(protocol)
+    protocol.dataReceived(b"y" * 5000)
+    assert outcome(protocol.done).check(client.ConnectionFailed)
+
+
+def test_send_protocol_writes_then_closes():
+    protocol = client._Send(b"data")
+    transport = made(protocol)
+    assert transport.value() == b"data"
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert outcome(protocol.done) is None
+
+
+def test_send_protocol_reset_is_an_error():
+    protocol = client._Send(b"data")
+    made(protocol)
+    protocol.connectionLost(Failure(error.ConnectionLost("Connection reset by peer")))
+    failure = outcome(protocol.done)
+    assert failure.check(client.ConnectionFailed)
+    assert str(failure.value) == "connection lost: Connection reset by peer"
+
+
+def test_until_close_protocol():
+    protocol = client._UntilClose(b"msg\n", 100)
+    transport = made(protocol)
+    assert transport.value() == b"msg\n"
+    protocol.dataReceived(b"I got ")
+    protocol.dataReceived(b"your message")
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert outcome(protocol.done) == b"I got your message"
+
+
+def test_until_close_with_no_reply_is_an_error():
+    protocol = client._UntilClose(b"msg\n", 100)
+    made(protocol)
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert str(outcome(protocol.done).value) == "the server closed the connection without a reply"
+
+
+# -- timeouts and error translation, on a memory reactor -----------------
+
+
+@implementer(IStreamClientEndpoint)
+class NeverConnects:
+    """A client endpoint whose connection attempt never finishes; records cancellation."""
+
+    cancelled = False
+
+    def connect(self, factory):
+        def cancel(d):
+            self.cancelled = True
+
+        return defer.Deferred(cancel)
+
+
+def test_timeout_while_connecting_cancels_the_attempt():
+    clock = MemoryReactorClock()
+    endpoint = NeverConnects()
+    d = client.echo(endpoint, b"x", timeout=3, reactor=clock)
+    clock.advance(2.9)
+    assert not d.called
+    clock.advance(0.2)
+    failure = outcome(d)
+    assert failure.check(client.Timeout)
+    assert failure.value.exitStatus == 4
+    assert endpoint.cancelled
+
+
+@implementer(IStreamClientEndpoint)
+class ConnectsSilently:
+    """A client endpoint that connects to a peer that never answers."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(self.transport)
+        return defer.succeed(protocol)
+
+
+def test_timeout_while_waiting_for_the_reply_aborts_the_connection():
+    clock = MemoryReactorClock()
+    endpoint = ConnectsSilently()
+    d = client.upper(endpoint, b"x", timeout=10, reactor=clock)
+    assert endpoint.transport.value() == b"x\n"
+    clock.advance(10)
+    assert outcome(d).check(client.Timeout)
+    assert endpoint.transport.disconnecting
+
+
+@implementer(IStreamClientEndpoint)
+class FailsWith:
+    def __init__(self, exception):
+        self.exception = exception
+
+    def connect(self, factory):
+        return defer.fail(self.exception)
+
+
+@pytest.mark.parametrize(
+    "exception, kind, status",
+    [
+        (error.DNSLookupError("nosuch.invalid"), client.UnknownHost, 2),
+        (error.ConnectionRefusedError(), client.ConnectionRefused, 3),
+        (error.ConnectError(2, "No such file or directory"), client.ConnectionRefused, 3),
+        (error.TimeoutError(), client.Timeout, 4),
+        (error.NoRouteError(), client.ConnectionFailed, 1),
+    ],
+)
+def test_connection_errors_become_client_errors(exception, kind, status):
+    failure = outcome(client.send(FailsWith(exception), b"x", reactor=MemoryReactorClock()))
+    assert type(failure.value) is kind
+    assert failure.value.exitStatus == status
+
+
+def test_malformed_target_raises_at_once():
+    with pytest.raises(ValueError, match="bad target"):
+        client.echo("nosuch:1", b"x", reactor=MemoryReactorClock())
+    with pytest.raises(ValueError, match="between 1 and 65535"):
+        client.echo(("localhost", 70000), b"x", reactor=MemoryReactorClock())
+    with pytest.raises(ValueError, match="one line"):
+        client.upper("tcp:127.0.0.1:1", b"two\nlines", reactor=MemoryReactorClock())
+
+
+def test_host_port_target_is_a_hostname_endpoint():
+    assert isinstance(client.endpoint(("::1", 5000), reactor=MemoryReactorClock()), HostnameEndpoint)
+
+
+# -- real round trips on loopback, against the real services -------------
+
+
+@pytest.fixture
+def listen():
+    """Listen with a twistsock service in this process; ports are closed after the test."""
+    ports = []
+
+    @defer.inlineCallbacks
+    def start(name, endpoint=None, config=ServiceConfig()):
+        from twisted.internet import reactor
+
+        endpoint = endpoint or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = yield endpoint.listen(ServiceFactory(name, config))
+        ports.append(port)
+        return port
+
+    yield start
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo_round_trip_as_async_def(listen):
+    port = await listen("echo")
+    data = bytes(range(256)) * 4096
+    assert await client.echo(f"tcp:127.0.0.1:{port.getHost().port}", data) == data
+
+
+@pytest_twisted.inlineCallbacks
+def test_upper_and_ack_round_trips_with_host_port(listen):
+    upper = yield listen("upper")
+    ack = yield listen("ack")
+    reply = yield client.upper(("127.0.0.1", upper.getHost().port), b"hello")
+    assert reply == b"HELLO"
+    reply = yield client.ack(("localhost", ack.getHost().port), b"hi")
+    assert reply == b"I got your message"
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_over_unix(short_tmp, listen):
+    from twisted.internet import reactor
+
+    path = str(short_tmp / "sink.sock")
+    yield listen("sink", UNIXServerEndpoint(reactor, path))
+    result = yield client.send(f"unix:path={path}", b"Half a league, half a league ... ")
+    assert result is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_on_loopback():
+    from conftest import freePort
+
+    with pytest.raises(client.ConnectionRefused):
+        yield client.echo(("127.0.0.1", freePort()), b"x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_timeout_on_loopback_against_a_silent_server(listen):
+    """sink never answers: echo times out, and the connection is closed."""
+    port = yield listen("sink")
+    with pytest.raises(client.Timeout):
+        yield client.echo(f"tcp:127.0.0.1:{port.getHost().port}", b"x", timeout=0.5)
