@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import threading
@@ -178,6 +179,20 @@ def test_client_errors_are_one_line_with_documented_statuses(server):
         assert b"Traceback" not in result.stderr
     # The server is unharmed.
     ok(twistsock("echo", echo, "still here"))
+
+
+def test_interrupt_ends_the_client_with_status_130(server):
+    process = subprocess.Popen([twistsockPath(), "echo", server.service("sink").target, "waiting"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        server.waitFor(r"-->waiting$")  # connected and sent: now waiting for an echo that never comes
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 130
+    finally:
+        process.kill()
+        process.wait()
+    assert process.stderr.read() == b"twistsock: interrupted\n"
+    process.stdout.close()
+    process.stderr.close()
 
 
 # -- the server under misuse ------------------------------------------------

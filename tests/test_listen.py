@@ -6,6 +6,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from twistsock.listen import ListenFailed, ListeningService, ListenSpec, SocketsService, parseListen
@@ -138,7 +139,7 @@ def test_listening_service_later_failure_is_reported():
 
 def test_sockets_service_closes_the_others_and_exits_1(capsys):
     first = FakePort()
-    root = SocketsService()
+    root = SocketsService(MemoryReactorClock())
     listening(defer.succeed(first)).setServiceParent(root)
     listening(defer.fail(CannotListenError("", 1, OSError(98, "Address already in use")))).setServiceParent(root)
     with pytest.raises(SystemExit) as exited:
@@ -146,3 +147,22 @@ def test_sockets_service_closes_the_others_and_exits_1(capsys):
     assert exited.value.code == 1
     assert first.stopped
     assert capsys.readouterr().err == "twistsock: error: cannot listen on tcp:0 (echo): Address already in use\n"
+
+
+def test_sockets_service_logs_ready_once_the_reactor_turns():
+    reactor = MemoryReactorClock()
+    root = SocketsService(reactor)
+    listening(defer.succeed(FakePort())).setServiceParent(root)
+    root.startService()
+    assert [f for f, _, _ in reactor.whenRunningHooks] == [reactor.callLater]
+
+
+def test_a_later_listen_failure_stops_the_reactor_and_exits_1():
+    from twistsock.listen import _exitNow
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    root = SocketsService(reactor)
+    root.fail("cannot listen on x:1 (echo): Permission denied")
+    assert reactor.hasStopped
+    assert reactor.triggers["after"]["shutdown"] == [(_exitNow, (1,), {})]

@@ -24,6 +24,7 @@ EXIT_STATUSES = {
     4: "timeout",
     5: "echo mismatch",
     64: "usage error",
+    130: "interrupted (SIGINT or SIGTERM)",
 }
 
 _EPILOG = (
@@ -119,13 +120,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     task.react(_react, (run,))
 
 
-def _react(reactor: object, run: Callable[[object], defer.Deferred[None]]) -> defer.Deferred[None]:
+def _react(reactor, run: Callable[[object], defer.Deferred[None]]) -> defer.Deferred[None]:
+    finished: list[bool] = []
+    interrupted: list[bool] = []
+    exchange = defer.maybeDeferred(run, reactor)
+    exchange.addBoth(lambda result: finished.append(True) or result)
+
+    def shutdown() -> None:
+        # SIGINT or SIGTERM stops the reactor: end the exchange, wherever it is.
+        if not finished:
+            interrupted.append(True)
+            exchange.cancel()
+
     def failed(reason):
+        if interrupted:
+            sys.stderr.write("twistsock: interrupted\n")
+            raise SystemExit(130)
         reason.trap(client.ClientError)
         sys.stderr.write(f"twistsock: {reason.value}\n")
         raise SystemExit(reason.value.exitStatus)
 
-    return defer.maybeDeferred(run, reactor).addErrback(failed)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    return exchange.addErrback(failed)
 
 
 def _out(*parts: bytes) -> None:

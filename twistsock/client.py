@@ -39,6 +39,7 @@ __all__ = [
     "EchoMismatch",
     "ConnectionFailed",
     "DEFAULT_TIMEOUT",
+    "endpoint",
     "send",
     "echo",
     "upper",
@@ -291,7 +292,7 @@ def endpoint(target: Target, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReac
         raise ValueError(f"bad target {target!r}: {e}") from None
 
 
-def describeTarget(target: Target) -> str:
+def _describe(target: Target) -> str:
     """The target as the user wrote it."""
     if isinstance(target, tuple):
         host, port = target
@@ -302,7 +303,7 @@ def describeTarget(target: Target) -> str:
 def _exchange(target: Target, protocol: _Exchange, timeout: float, reactor: IReactorTime | None) -> defer.Deferred:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    where = describeTarget(target)
+    where = _describe(target)
     d = connectProtocol(endpoint(target, timeout=timeout, reactor=reactor), protocol)
     d.addCallback(lambda p: p.done)
     d.addTimeout(timeout, reactor)
@@ -313,7 +314,7 @@ def _translate(reason: Failure, where: str, timeout: float) -> Failure:
     """Turn Twisted's connection errors into L{ClientError}s naming the target."""
     e = reason.value
     if isinstance(e, ClientError):
-        raise e
+        raise type(e)(f"{where}: {e}")
     if isinstance(e, (error.DNSLookupError, error.UnknownHostError)):
         raise UnknownHost(f"{where}: unknown host")
     if isinstance(e, error.ConnectionRefusedError) or _errno(e) == errno.ECONNREFUSED:

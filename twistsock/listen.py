@@ -162,11 +162,29 @@ class SocketsService(MultiService):
 
     log = Logger()
 
+    def __init__(self, reactor: object = None) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
     def privilegedStartService(self) -> None:
         self._start(super().privilegedStartService)
 
     def startService(self) -> None:
         self._start(super().startService)
+        # The reactor installs its signal handlers as it starts: the first
+        # turn of its loop is the first moment a SIGTERM stops us cleanly.
+        self.reactor.callWhenRunning(self.reactor.callLater, 0, self._ready)
+
+    def _ready(self) -> None:
+        self.log.info("ready: {count} listening", count=len(list(self)))
 
     def _start(self, start: Callable[[], None]) -> None:
         try:
@@ -181,11 +199,9 @@ class SocketsService(MultiService):
 
     def fail(self, message: str) -> None:
         """A listen that failed after start-up: log it and exit with status 1."""
-        from twisted.internet import reactor
-
         self.log.critical("{message}", message=message)
-        reactor.addSystemEventTrigger("after", "shutdown", _exitNow, 1)
-        reactor.stop()
+        self.reactor.addSystemEventTrigger("after", "shutdown", _exitNow, 1)
+        self.reactor.stop()
 
 
 def _exitNow(status: int) -> None:
