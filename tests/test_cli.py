@@ -53,5 +53,5 @@ def test_usage_errors_exit_64_with_one_message(argv, message, capsys):
 
 def test_exit_statuses_are_the_client_errors():
     """The documented table and the exception classes agree."""
-    statuses = {cls.exitStatus: cls for cls in (client.ConnectionFailed, client.UnknownHost, client.ConnectionRefused, client.Timeout, client.EchoMismatch)}
+    statuses = {cls.exitStatus: cls for cls in (client.ConnectionFailed, client.UnknownHost, client.ConnectionRefused, client.Timeout, client.EchoMismatch, client.CertificateError, client.TLSFailed)}
     assert set(statuses) | {0, 64, 130} == set(cli.EXIT_STATUSES)

@@ -38,8 +38,10 @@ def test_echo_protocol_matches_in_any_chunking():
     assert transport.value() == b"abcdef"
     for byte in b"abcdef":
         protocol.dataReceived(bytes([byte]))
-    assert outcome(protocol.done) == b"abcdef"
     assert transport.disconnecting
+    assert not protocol.done.called, "fires once the connection has closed"
+    protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert outcome(protocol.done) == b"abcdef"
 
 
 def test_echo_protocol_mismatch_names_the_byte():
@@ -70,7 +72,9 @@ def test_echo_protocol_short_echo_is_a_mismatch():
 
 def test_echo_protocol_empty_message():
     protocol = client._Echo(b"")
-    made(protocol)
+    transport = made(protocol)
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(error.ConnectionDone()))
     assert outcome(protocol.done) == b""
 
 
@@ -80,6 +84,7 @@ def test_line_protocol_reads_one_line():
     assert transport.value() == b"hello\n"
     protocol.dataReceived(b"HEL")
     protocol.dataReceived(b"LO\r\nrest")
+    protocol.connectionLost(Failure(error.ConnectionDone()))
     assert outcome(protocol.done) == b"HELLO"
 
 
@@ -162,9 +167,20 @@ class ConnectsSilently:
         self.transport = StringTransport()
 
     def connect(self, factory):
-        protocol = factory.buildProtocol(None)
+        self.protocol = protocol = factory.buildProtocol(None)
         protocol.makeConnection(self.transport)
         return defer.succeed(protocol)
+
+
+def test_timeout_while_closing_keeps_the_result():
+    """The exchange finished but the close never completed (a TLS peer that never answers close_notify)."""
+    clock = MemoryReactorClock()
+    endpoint = ConnectsSilently()
+    d = client.upper(endpoint, b"x", timeout=10, reactor=clock)
+    endpoint.protocol.dataReceived(b"X\n")
+    assert endpoint.transport.disconnecting
+    clock.advance(10)
+    assert outcome(d) == b"X"
 
 
 def test_timeout_while_waiting_for_the_reply_aborts_the_connection():

@@ -74,7 +74,9 @@ def test_make_service_one_child_per_listen():
     root = makeService(options)
     children = list(root)
     assert [str(c.spec) for c in children] == ["echo@tcp:0", "sink@unix:/tmp/x.sock"]
-    assert children[0].factory.config == ServiceConfig(maxLine=10, keepOpen=False)
+    assert children[0].factory.service.config == ServiceConfig(maxLine=10, keepOpen=False)
+    assert children[0].factory.transport.name == "tcp"
+    assert children[1].factory.transport.name == "unix"
 
 
 class FakeEndpoint:

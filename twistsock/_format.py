@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from OpenSSL import SSL
+from twisted.internet import error as _error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 # One table escapes, in a single pass: control characters (C0, DEL, C1) and
@@ -62,3 +64,25 @@ def isIPv6Literal(text: str) -> bool:
         return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
     except ValueError:
         return False
+
+
+def errorText(e: BaseException) -> str:
+    """
+    The part of a connection error a user needs, as one line: OpenSSL's
+    reason strings (C{unsupported protocol}), the OS error text of Twisted's
+    connection errors (C{Connection refused}), else the message.
+    """
+    if isinstance(e, _error.CannotListenError) and e.socketError is not None:
+        return errorText(e.socketError)
+    if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
+        reasons = [entry[-1] for entry in e.args[0] if isinstance(entry, tuple) and entry[-1]]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    if isinstance(e, (_error.ConnectError, _error.ConnectionLost)) and e.args and isinstance(e.args[0], str):
+        # getConnectError() and the transports put the OS error text here.
+        text = e.args[0].strip().rstrip(".")
+        if text:
+            return text
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).strip().rstrip(".") or type(e).__name__

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 from twisted.internet import defer, task
 
 from . import __version__, client
+from . import certs as certsModule
 from ._format import isIPv6Literal
 
 #: Exit statuses, as documented in the README and in --help.
@@ -23,14 +24,17 @@ EXIT_STATUSES = {
     3: "connection refused",
     4: "timeout",
     5: "echo mismatch",
+    6: "TLS: the server's certificate is not trusted or not for this host",
+    7: "TLS handshake failed (e.g. the server refused our certificate)",
     64: "usage error",
     130: "interrupted (SIGINT or SIGTERM)",
 }
 
 _EPILOG = (
     "TARGET is a Twisted client endpoint string (tcp:127.0.0.1:5000, "
-    "unix:path=/tmp/echo.sock) or HOST PORT, where HOST may be a name or an "
-    "IPv4 or IPv6 literal (::1).\n\nexit statuses:\n"
+    "unix:path=/tmp/echo.sock, tls:localhost:3443, tls:[::1]:3443) or HOST PORT, "
+    "where HOST may be a name or an IPv4 or IPv6 literal (::1). tls: targets "
+    "verify the server's certificate and name.\n\nexit statuses:\n"
     + "\n".join(f"  {status:>3}  {meaning}" for status, meaning in EXIT_STATUSES.items())
 )
 
@@ -46,7 +50,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(64, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> _Parser:
+def _parse(argv: Sequence[str] | None) -> tuple[_Parser, argparse.Namespace]:
+    """Parse, letting options come after TARGET and MESSAGE (twistsock echo HOST PORT --size 250)."""
+    parser, commands = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in commands.choices:
+        sub = commands.choices[argv[0]]
+        args = sub.parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return sub, args
+    return parser, parser.parse_args(argv)
+
+
+def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     parser = _Parser(
         prog="twistsock",
         description="Clients for the twistsock services.",
@@ -57,9 +73,12 @@ def _parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help: str, rest: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        usage = f"twistsock {name} [options] TARGET [{rest}]\n       twistsock {name} [options] HOST PORT [{rest}]"
+        sub = commands.add_parser(name, help=help, description=help, usage=usage, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("words", nargs="+", metavar=f"TARGET [{rest}]", help=f"where to connect, then the {rest.lower()} (default: read from standard input)")
         sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take (default: %(default)g)")
+        sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
+        sub.add_argument("--cert", metavar="FILE", help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)")
         return sub
 
     command("send", "Send a message, then close (seed 000's streamwrite).", "MESSAGE")
@@ -67,7 +86,11 @@ def _parser() -> _Parser:
     echo.add_argument("--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)")
     command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient).", "LINE")
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
-    return parser
+    certs = commands.add_parser("certs", help="Make a local CA, a server and a client certificate.", description=certsModule.__doc__.strip().splitlines()[0])
+    certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: %(default)s)")
+    certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    return parser, commands
 
 
 def _seconds(text: str) -> float:
@@ -109,15 +132,29 @@ def _message(words: list[str]) -> bytes | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run C{twistsock}; exits with one of L{EXIT_STATUSES}."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, args = _parse(argv)
+    if args.command == "certs":
+        _certs(args)
+        return
     try:
         target, words = splitTarget(args.words)
-        client.endpoint(target)  # a malformed endpoint is a usage error, before anything runs
+        # A malformed target or certificate file is a usage error, before anything runs.
+        client.endpoint(target, ca=args.ca, cert=args.cert)
         run = _COMMANDS[args.command](args, target, _message(words))
     except ValueError as e:
         parser.error(str(e))
     task.react(_react, (run,))
+
+
+def _certs(args: argparse.Namespace) -> None:
+    try:
+        made = certsModule.generate(args.directory, args.name, force=args.force)
+    except (certsModule.CertificatesExist, ValueError, OSError) as e:
+        sys.stderr.write(f"twistsock: {e}\n")
+        raise SystemExit(1)
+    print(f"{made.ca}: the local CA certificate (trust it with --ca)")
+    print(f"{made.server}: server key and certificate for {', '.join(made.names)}")
+    print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
 
 def _react(reactor, run: Callable[[object], defer.Deferred[None]]) -> defer.Deferred[None]:
@@ -151,7 +188,7 @@ def _out(*parts: bytes) -> None:
 
 def _send(args, target, message):
     data = message if message is not None else sys.stdin.buffer.read()
-    return lambda reactor: client.send(target, data, timeout=args.timeout, reactor=reactor)
+    return lambda reactor: client.send(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor)
 
 
 def _echo(args, target, message):
@@ -163,7 +200,7 @@ def _echo(args, target, message):
     else:
         data = message if message is not None else sys.stdin.buffer.read()
         show = lambda echoed: _out(b"Received: ", echoed)
-    return lambda reactor: client.echo(target, data, timeout=args.timeout, reactor=reactor).addCallback(show)
+    return lambda reactor: client.echo(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(show)
 
 
 def _upper(args, target, message):
@@ -171,7 +208,7 @@ def _upper(args, target, message):
     line = line.rstrip(b"\r\n")
     if b"\n" in line:
         raise ValueError("LINE must be one line")
-    return lambda reactor: client.upper(target, line, timeout=args.timeout, reactor=reactor).addCallback(
+    return lambda reactor: client.upper(target, line, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(
         lambda reply: _out(b"FROM SERVER: ", reply)
     )
 
@@ -185,7 +222,7 @@ def _ack(args, target, message):
     message = message.rstrip(b"\r\n")
     if b"\n" in message:
         raise ValueError("MESSAGE must be one line")
-    return lambda reactor: client.ack(target, message, timeout=args.timeout, reactor=reactor).addCallback(_out)
+    return lambda reactor: client.ack(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(_out)
 
 
 _COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack}

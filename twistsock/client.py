@@ -12,8 +12,11 @@ L{Deferred}.
     task.react(main)
 
 A target is a Twisted client endpoint string (C{tcp:127.0.0.1:5000},
-C{unix:path=/tmp/echo.sock}), a C{(host, port)} pair (host names, IPv4 and
-IPv6 literals such as C{::1}), or an L{IStreamClientEndpoint}.  Every
+C{unix:path=/tmp/echo.sock}, C{tls:localhost:3443}, C{tls:[::1]:3443}), a
+C{(host, port)} pair (host names, IPv4 and IPv6 literals such as C{::1}), or
+an L{IStreamClientEndpoint}.  C{tls:} targets verify the server's certificate
+and name: C{ca} names a file of trusted CA certificates (default: the
+platform's), C{cert} a file with a client key and certificate.  Every
 operation is bounded by C{timeout} seconds, connecting included.  Failures
 are L{ClientError} subclasses whose C{exitStatus} the C{twistsock} command
 exits with; a malformed target raises L{ValueError} at once.
@@ -28,7 +31,12 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.python.failure import Failure
+
+from . import tls
+from ._format import errorText
 
 __all__ = [
     "Target",
@@ -37,6 +45,8 @@ __all__ = [
     "ConnectionRefused",
     "Timeout",
     "EchoMismatch",
+    "CertificateError",
+    "TLSFailed",
     "ConnectionFailed",
     "DEFAULT_TIMEOUT",
     "endpoint",
@@ -92,52 +102,79 @@ class EchoMismatch(ClientError):
     exitStatus = 5
 
 
-def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
+class CertificateError(ClientError):
+    """The server's certificate is not signed by a trusted CA, or not for this host."""
+
+    exitStatus = 6
+
+
+class TLSFailed(ClientError):
+    """The TLS handshake failed otherwise: e.g. the server refused our certificate or TLS version."""
+
+    exitStatus = 7
+
+
+def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
     """
     Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
     once every byte is handed to the peer's kernel and the connection closed.
     """
-    return _exchange(target, _Send(data), timeout, reactor)
+    return _exchange(target, _Send(data), timeout, ca, cert, reactor)
 
 
-def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send C{data} and read until all of it is back (seeds 001 and 004).  Fires
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
     differs, on extra bytes, or if the server closes before all came back.
     """
-    return _exchange(target, _Echo(data), timeout, reactor)
+    return _exchange(target, _Echo(data), timeout, ca, cert, reactor)
 
 
-def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one line and fire with the server's reply line, without its ending
     (seed 002's TCPClient).
     """
     if b"\n" in line:
         raise ValueError("upper sends one line: the line must not contain a newline")
-    return _exchange(target, _Line(line), timeout, reactor)
+    return _exchange(target, _Line(line), timeout, ca, cert, reactor)
 
 
-def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one message (a line) and fire with the server's reply, read until it
     closes (seed 003's client).
     """
     if b"\n" in message.rstrip(b"\n"):
         raise ValueError("ack sends one message: the message must not contain a newline")
-    return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, reactor)
+    return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor)
+
+
+_PENDING = object()
 
 
 class _Exchange(Protocol):
-    """One request and its outcome, in C{self.done}; cancelling it aborts the connection."""
+    """
+    One request and its outcome, in C{self.done}.  A finished exchange closes
+    the connection and fires once it is closed (over TLS, after both sides'
+    close_notify), so that servers see a clean close.  Cancelling aborts the
+    connection; an exchange that had already finished keeps its result.
+    """
+
+    _result: object = _PENDING
 
     def __init__(self) -> None:
-        self.done: defer.Deferred[object] = defer.Deferred(lambda d: self.transport.abortConnection())
+        self.done: defer.Deferred[object] = defer.Deferred(self._cancel)
+
+    def _cancel(self, done: defer.Deferred[object]) -> None:
+        if self._result is not _PENDING:
+            done.callback(self._result)  # only the closing was slow
+        self.transport.abortConnection()
 
     def succeed(self, result: object) -> None:
-        if not self.done.called:
-            self.done.callback(result)
+        if self._result is _PENDING and not self.done.called:
+            self._result = result
             self.transport.loseConnection()
 
     def fail(self, reason: Exception) -> None:
@@ -146,7 +183,11 @@ class _Exchange(Protocol):
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if not self.done.called:
+        if self.done.called:
+            return
+        if self._result is not _PENDING:
+            self.done.callback(self._result)
+        else:
             self.ended(reason)
 
     def ended(self, reason: Failure) -> None:
@@ -182,6 +223,8 @@ class _Echo(_Exchange):
             self.succeed(self.data)
 
     def dataReceived(self, chunk: bytes) -> None:
+        if self._result is not _PENDING:
+            return  # all came back; the connection is closing
         start, end = self.received, self.received + len(chunk)
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
@@ -256,29 +299,41 @@ class _UntilClose(_Exchange):
 
 
 def _lost(reason: Failure) -> ClientError:
+    if reason.check(VerificationError):
+        return CertificateError("certificate verification failed: the certificate is not for this host")
+    if reason.check(SSL.Error):
+        text = errorText(reason.value)
+        if "certificate verify failed" in text:
+            return CertificateError(f"certificate verification failed: {text}")
+        return TLSFailed(f"TLS handshake failed: {text}")
     if reason.check(error.ConnectionDone):
         return ConnectionFailed("the server closed the connection without a reply")
-    return ConnectionFailed(f"connection lost: {_why(reason.value)}")
+    return ConnectionFailed(f"connection lost: {errorText(reason.value)}")
 
 
-def _why(e: BaseException) -> str:
-    """The OS error text of a Twisted connection error, else its message."""
-    if isinstance(e, (error.ConnectError, error.ConnectionLost)) and e.args and isinstance(e.args[0], str):
-        # getConnectError() and the transports put the OS error text here.
-        return e.args[0].strip().rstrip(".") or type(e).__name__
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).strip().rstrip(".") or type(e).__name__
-
-
-def endpoint(target: Target, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReactorTime | None = None) -> IStreamClientEndpoint:
+def endpoint(
+    target: Target,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    reactor: IReactorTime | None = None,
+) -> IStreamClientEndpoint:
     """
-    The client endpoint for a target.
+    The client endpoint for a target.  A C{tls:HOST:PORT} target verifies the
+    server's certificate and name against the CA certificates in the file
+    C{ca} (else the platform's trust store) and presents the key and
+    certificate in the file C{cert}, if given.
 
-    @raise ValueError: malformed endpoint string or port.
+    @raise ValueError: malformed target, C{ca} or C{cert} without C{tls:}, or
+        an unreadable certificate file.
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    if isinstance(target, str) and target.startswith("tls:"):
+        return _tlsEndpoint(reactor, target, timeout, ca, cert)
+    if ca or cert:
+        raise ValueError("a CA or client certificate needs a tls:HOST:PORT target")
     if IStreamClientEndpoint.providedBy(target):
         return target
     if isinstance(target, tuple):
@@ -292,6 +347,28 @@ def endpoint(target: Target, *, timeout: float = DEFAULT_TIMEOUT, reactor: IReac
         raise ValueError(f"bad target {target!r}: {e}") from None
 
 
+def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str | None) -> IStreamClientEndpoint:
+    """Build C{tls:} targets here: Twisted's parser fails on IPv6 literals."""
+    host, port, options = tls.parseTLSTarget(target)
+    unknown = set(options) - {"timeout", "bindAddress", "certificate", "privateKey", "trustRoots"}
+    if unknown:
+        raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(unknown))}")
+    if "trustRoots" in options and not ca:
+        ca = options["trustRoots"]
+    if "certificate" in options and not cert:
+        cert = options["certificate"]
+    return tls.clientEndpoint(
+        reactor,
+        host,
+        port,
+        ca=ca,
+        cert=cert,
+        privateKey=options.get("privateKey"),
+        timeout=float(options.get("timeout", timeout)),
+        bindAddress=options.get("bindAddress"),
+    )
+
+
 def _describe(target: Target) -> str:
     """The target as the user wrote it."""
     if isinstance(target, tuple):
@@ -300,11 +377,11 @@ def _describe(target: Target) -> str:
     return str(target)
 
 
-def _exchange(target: Target, protocol: _Exchange, timeout: float, reactor: IReactorTime | None) -> defer.Deferred:
+def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | None, cert: str | None, reactor: IReactorTime | None) -> defer.Deferred:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     where = _describe(target)
-    d = connectProtocol(endpoint(target, timeout=timeout, reactor=reactor), protocol)
+    d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), protocol)
     d.addCallback(lambda p: p.done)
     d.addTimeout(timeout, reactor)
     return d.addErrback(_translate, where, timeout)
@@ -320,11 +397,11 @@ def _translate(reason: Failure, where: str, timeout: float) -> Failure:
     if isinstance(e, error.ConnectionRefusedError) or _errno(e) == errno.ECONNREFUSED:
         raise ConnectionRefused(f"{where}: connection refused")
     if _errno(e) == errno.ENOENT:  # a UNIX socket path where nothing listens
-        raise ConnectionRefused(f"{where}: connection refused: {_why(e)}")
+        raise ConnectionRefused(f"{where}: connection refused: {errorText(e)}")
     if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
         raise Timeout(f"{where}: timed out after {timeout:g} s")
     if isinstance(e, (error.ConnectError, error.ConnectionLost, OSError)):
-        raise ConnectionFailed(f"{where}: {_why(e)}")
+        raise ConnectionFailed(f"{where}: {errorText(e)}")
     return reason
 
 

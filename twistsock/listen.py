@@ -15,13 +15,14 @@ from typing import Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._format import describe
+from ._format import describe, errorText
+from .connection import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, transportOf, unwrap
 from .services import SERVICES, ServiceConfig, ServiceFactory
+from .tls import checkSNIDirectory
 
 DEFAULT_SERVICE = "echo"
 
@@ -50,13 +51,19 @@ def parseListen(text: str) -> ListenSpec:
         raise ValueError(f"unknown service {service!r} in {text!r} (known: {', '.join(SERVICES)})")
     if not endpoint:
         raise ValueError(f"no endpoint in {text!r}")
+    _, kind, rest = unwrap(endpoint)
+    if kind == "tls" and rest:
+        try:
+            checkSNIDirectory(rest.split(":", 1)[0].replace("\\:", ":"))
+        except ValueError as e:
+            raise ValueError(f"bad endpoint {endpoint!r}: {e}") from None
     try:
         # Endpoint parsers only record the reactor; parsing with a stand-in
         # checks the syntax (and reads certificate files) before any reactor
         # is installed, so `twist --reactor=...` still works.
         serverFromString(_ParseOnlyReactor(), endpoint)
     except Exception as e:  # every parser error is a usage error here
-        raise ValueError(f"bad endpoint {endpoint!r}: {_reason(e)}") from e
+        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from e
     return ListenSpec(service, endpoint)
 
 
@@ -65,15 +72,6 @@ class _ParseOnlyReactor:
 
     def __getattr__(self, name: str) -> object:
         raise AttributeError(f"endpoint parsers only store the reactor; {name} used while parsing")
-
-
-def _reason(error: BaseException) -> str:
-    """The part of an exception a user needs: the OS error text if there is one."""
-    if isinstance(error, CannotListenError) and error.socketError is not None:
-        return _reason(error.socketError)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
 
 
 class ListenFailed(Exception):
@@ -98,7 +96,7 @@ class ListeningService(Service):
         self,
         spec: ListenSpec,
         endpoint: IStreamServerEndpoint,
-        factory: ServiceFactory,
+        factory: IProtocolFactory,
         onFailure: Callable[[str], None],
     ) -> None:
         self.spec = spec
@@ -125,7 +123,7 @@ class ListeningService(Service):
             return port
 
         def failed(reason: Failure) -> None:
-            message = f"cannot listen on {self.spec.endpoint} ({self.spec.service}): {_reason(reason.value)}"
+            message = f"cannot listen on {self.spec.endpoint} ({self.spec.service}): {errorText(reason.value)}"
             if starting:
                 failedNow.append(message)
             else:
@@ -214,10 +212,20 @@ def _exitNow(status: int) -> None:
 
 
 def listeningService(
-    spec: ListenSpec, config: ServiceConfig, onFailure: Callable[[str], None]
+    spec: ListenSpec,
+    config: ServiceConfig,
+    onFailure: Callable[[str], None],
+    *,
+    handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> ListeningService:
     """Build the service that listens for C{spec} with the running reactor."""
     from twisted.internet import reactor
 
     endpoint = serverFromString(reactor, spec.endpoint)
-    return ListeningService(spec, endpoint, ServiceFactory(spec.service, config), onFailure)
+    factory = ConnectionFactory(
+        ServiceFactory(spec.service, config),
+        transportOf(spec.endpoint),
+        handshakeTimeout=handshakeTimeout,
+        reactor=reactor,
+    )
+    return ListeningService(spec, endpoint, factory, onFailure)

@@ -1,0 +1,87 @@
+"""A protocol that sits between a transport and another protocol, and is that protocol's transport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+
+@implementer(IHalfCloseableProtocol)
+class Layer(Protocol):
+    """
+    Pass everything through, both ways: events from the transport to
+    C{wrapped}, and C{wrapped}'s calls on its transport to ours.  Subclasses
+    override what they add.  Half-close passes through; a wrapped protocol
+    that cannot half-close gets a full close once its output is sent.
+    """
+
+    def __init__(self, wrapped: IProtocol) -> None:
+        self.wrapped = wrapped
+
+    # -- events from the transport below --
+
+    def makeConnection(self, transport: Any) -> None:
+        Protocol.makeConnection(self, transport)
+        self.wrapped.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.wrapped.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if IHalfCloseableProtocol.providedBy(self.wrapped):
+            self.wrapped.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if IHalfCloseableProtocol.providedBy(self.wrapped):
+            self.wrapped.writeConnectionLost()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.wrapped.connectionLost(reason)
+
+    # -- the transport, as the protocol above sees it --
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.transport.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    # A protocol may register its transport as its own producer: that is us.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the transport (loseWriteConnection, getHandle,
+        # getPeerCertificate, disconnecting, ...) is the real one's.
+        if name.startswith("__") or name in ("transport", "wrapped"):
+            raise AttributeError(name)
+        return getattr(self.transport, name)

@@ -1,0 +1,152 @@
+"""
+Local TLS material for twistsock: a private CA, a server certificate and a
+client certificate, generated with C{cryptography}.
+
+The CA's private key is used once, to sign the two certificates, and never
+written to disk: nobody can mint more certificates that the CA vouches for.
+Making new ones means making a new CA (C{--force}).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: The names every server certificate carries.
+DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
+CLIENT_NAME = "twistsock client"
+#: How long the certificates are valid, in days.
+VALID_DAYS = 825
+
+FILES = ("ca.pem", "server.pem", "client.pem")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What L{generate} wrote."""
+
+    ca: Path
+    server: Path
+    client: Path
+    names: tuple[str, ...]
+
+
+class CertificatesExist(Exception):
+    """Some of the files exist and C{force} was not given."""
+
+
+def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = False) -> Generated:
+    """
+    Write C{ca.pem}, C{server.pem} (key and certificate, for C{DEFAULT_NAMES}
+    and C{names}) and C{client.pem} (key and certificate) into C{directory}.
+    Files holding keys are mode 0600.
+
+    @raise CertificatesExist: a file exists and C{force} is false.
+    @raise ValueError: an empty name.
+    """
+    directory = Path(directory)
+    allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *names]))
+    if any(not name.strip() for name in allNames):
+        raise ValueError("a certificate name must not be empty")
+    paths = [directory / name for name in FILES]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise CertificatesExist(f"{', '.join(existing)} already exist (use --force to replace them)")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"twistsock local CA {now:%Y-%m-%d %H:%M:%S}")])
+    ca = (
+        _builder(caName, caName, caKey.public_key(), now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(certSign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False)
+        .sign(caKey, hashes.SHA256())
+    )
+
+    def leaf(commonName: str, purpose: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+        builder = (
+            _builder(subject, ca.subject, key.public_key(), now)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_usage(certSign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, builder.sign(caKey, hashes.SHA256())
+
+    server = leaf(allNames[0], ExtendedKeyUsageOID.SERVER_AUTH, [_generalName(n) for n in allNames])
+    client = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    _write(paths[0], _pem(ca), 0o644)
+    _write(paths[1], _keyPem(server[0]) + _pem(server[1]), 0o600)
+    _write(paths[2], _keyPem(client[0]) + _pem(client[1]), 0o600)
+    return Generated(*paths, names=allNames)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+    )
+
+
+def _usage(certSign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not certSign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=certSign,
+        crl_sign=certSign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _generalName(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _keyPem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write C{data} to a new file with C{mode} from the start, then move it into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(temporary, mode)  # the umask may have narrowed it
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,270 @@
+"""
+The PROXY protocol (v1 and v2) in front of any stream endpoint: C{proxy:ENDPOINT}.
+
+The header is read on the socket itself, before anything the wrapped endpoint
+adds above it, so C{proxy:ssl:...} and C{proxy:mtls:...} take the header
+before the TLS handshake: the order HAProxy's C{send-proxy} uses in TCP mode.
+(Twisted's C{haproxy:ssl:...} expects it inside TLS.)
+
+Unlike Twisted's C{haproxy:} wrapper, a header may arrive in pieces of any
+size, the protocol behind starts only once the header is read (so its
+C{connectionMade} already sees the real client), and half-close passes
+through.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IReactorSocket,
+    IReactorSSL,
+    IReactorTCP,
+    IReactorUNIX,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from ._format import describe, printable
+from ._layer import Layer
+
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # the longest v1 header, "\r\n" included
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+class InvalidHeader(ValueError):
+    """The bytes are not a PROXY protocol header."""
+
+
+def parseHeader(data: bytes) -> tuple[int, object | None, object | None] | None:
+    """
+    Parse a PROXY header at the start of C{data}.
+
+    @return: L{None} if more bytes are needed; else the header's length and
+        the source and destination addresses it gives (both L{None} for a
+        C{LOCAL} or C{UNKNOWN} connection: use the connection's own).
+    @raise InvalidHeader: not a header.
+    """
+    if data[:1] == b"P":
+        return _parseV1(data)
+    if data[:1] == b"\r":
+        return _parseV2(data)
+    if data:
+        raise InvalidHeader("no PROXY signature")
+    return None
+
+
+def _parseV1(data: bytes):
+    if not data.startswith(V1_PREFIX[: len(data)]):
+        raise InvalidHeader("no PROXY signature")
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise InvalidHeader(f"v1 header longer than {V1_MAX} bytes")
+        return None
+    fields = data[:end].split(b" ")
+    if fields[:2] == [b"PROXY", b"UNKNOWN"]:
+        return end + 2, None, None
+    if len(fields) != 6 or fields[0] != b"PROXY" or fields[1] not in (b"TCP4", b"TCP6"):
+        raise InvalidHeader("malformed v1 header")
+    try:
+        version = 4 if fields[1] == b"TCP4" else 6
+        hosts = [ipaddress.ip_address(f.decode("ascii")) for f in fields[2:4]]
+        ports = [int(f) for f in fields[4:6]]
+    except ValueError:
+        raise InvalidHeader("malformed v1 address") from None
+    if any(h.version != version for h in hosts) or any(not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])):
+        raise InvalidHeader("malformed v1 address")
+    kind = IPv4Address if version == 4 else IPv6Address
+    return end + 2, kind("TCP", str(hosts[0]), ports[0]), kind("TCP", str(hosts[1]), ports[1])
+
+
+def _parseV2(data: bytes):
+    if not data.startswith(V2_SIGNATURE[: len(data)]):
+        raise InvalidHeader("no PROXY signature")
+    if len(data) < 16:
+        return None
+    versionCommand, family, length = struct.unpack("!BBH", data[12:16])
+    if versionCommand >> 4 != 2 or versionCommand & 0x0F not in (0, 1):
+        raise InvalidHeader("unsupported v2 version or command")
+    total = 16 + length
+    if len(data) < total:
+        return None
+    if versionCommand & 0x0F == 0 or family >> 4 == 0:  # LOCAL, or UNSPEC
+        return total, None, None
+    body = data[16:total]
+    addressFamily, transport = family >> 4, family & 0x0F
+    if transport not in (1, 2):
+        raise InvalidHeader("unsupported v2 transport")
+    if addressFamily == 1 and length >= 12:
+        src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
+        return total, IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, src), sport), IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, dst), dport)
+    if addressFamily == 2 and length >= 36:
+        src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
+        return total, IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, src), sport), IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, dst), dport)
+    if addressFamily == 3 and length >= 216:
+        return total, UNIXAddress(body[:108].split(b"\0", 1)[0] or None), UNIXAddress(body[108:216].split(b"\0", 1)[0] or None)
+    raise InvalidHeader("malformed v2 address block")
+
+
+class ProxyHeaderProtocol(Layer):
+    """
+    Read a PROXY header, then connect the wrapped protocol with the addresses
+    the header gives and pass everything through.  A connection without a
+    valid header is logged once and closed.
+    """
+
+    log = Logger()
+    _peer: object | None = None
+    _host: object | None = None
+    _passing = False
+
+    def __init__(self, wrapped: Protocol) -> None:
+        super().__init__(wrapped)
+        self._buffer = b""
+
+    def makeConnection(self, transport: Any) -> None:
+        # The protocol above starts once the header says who the client is.
+        Protocol.makeConnection(self, transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._passing:
+            self.wrapped.dataReceived(data)
+            return
+        self._buffer += data
+        try:
+            parsed = parseHeader(self._buffer)
+        except InvalidHeader as e:
+            self._refuse(str(e))
+            return
+        if parsed is None:
+            return
+        length, self._peer, self._host = parsed
+        rest, self._buffer = self._buffer[length:], b""
+        self._passing = True
+        self.wrapped.makeConnection(self)
+        if rest:
+            self.wrapped.dataReceived(rest)
+
+    def _refuse(self, why: str) -> None:
+        self.log.info(
+            "{peer} refused: {why} (first bytes: {start})",
+            peer=describe(self.transport.getPeer()),
+            why=why,
+            start=printable(self._buffer[:32]),
+        )
+        self._buffer = b""
+        self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        if self._passing:
+            super().readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self._passing:
+            super().writeConnectionLost()
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self._passing:
+            self.wrapped.connectionLost(reason)
+        elif self._buffer:
+            self.log.info(
+                "{peer} closed before its PROXY header was complete ({count} bytes)",
+                peer=describe(self.transport.getPeer()),
+                count=len(self._buffer),
+            )
+
+    def getPeer(self) -> object:
+        return self._peer if self._peer is not None else self.transport.getPeer()
+
+    def getHost(self) -> object:
+        return self._host if self._host is not None else self.transport.getHost()
+
+
+class ProxyHeaderFactory(Factory):
+    """Wrap each protocol of C{wrapped} in a L{ProxyHeaderProtocol}."""
+
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self.wrapped = wrapped
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:
+        inner = getattr(self.wrapped, "logPrefix", None)
+        return f"{inner() if inner else type(self.wrapped).__name__} (PROXY)"
+
+    def buildProtocol(self, addr: object) -> ProxyHeaderProtocol | None:
+        inner = self.wrapped.buildProtocol(addr)
+        if inner is None:
+            return None
+        protocol = ProxyHeaderProtocol(inner)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IReactorTCP, IReactorSSL, IReactorUNIX, IReactorSocket)
+class _ProxyHeaderReactor:
+    """
+    A reactor that puts a PROXY header reader first on every socket it
+    listens on, beneath anything (TLS) the endpoint adds above it.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._reactor.listenTCP(port, ProxyHeaderFactory(factory), backlog, interface)
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        tls = TLSMemoryBIOFactory(contextFactory, False, factory)
+        return self._reactor.listenTCP(port, ProxyHeaderFactory(tls), backlog, interface)
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        return self._reactor.listenUNIX(address, ProxyHeaderFactory(factory), backlog, mode, wantPID)
+
+    def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+        return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, ProxyHeaderFactory(factory))
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class ProxyServerParser:
+    """C{proxy:ENDPOINT}: a PROXY header first, then ENDPOINT (which may add TLS)."""
+
+    prefix = "proxy"
+
+    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> IStreamServerEndpoint:
+        if not args:
+            raise ValueError("proxy: needs an endpoint to wrap, as in proxy:tcp:5000")
+        return serverFromString(_ProxyHeaderReactor(reactor), _unparse(args, kwargs))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _unparse(args: tuple[str, ...], kwargs: dict[str, str]) -> str:
+    """Rebuild the wrapped endpoint string from the pieces Twisted's parser split."""
+    return ":".join([*(_escape(a) for a in args), *(f"{_escape(k)}={_escape(v)}" for k, v in kwargs.items())])
