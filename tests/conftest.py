@@ -171,6 +171,18 @@ def short_tmp(tmp_path_factory) -> Path:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def requireTool(name: str) -> str:
+    """The path of a program the test needs: skipped where it is missing, a failure in CI (which installs it)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
 def freePort() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -31,13 +31,13 @@ class Layer(Protocol):
         self.wrapped.dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if IHalfCloseableProtocol.providedBy(self.wrapped):
+        if _halfCloseable(self.wrapped):
             self.wrapped.readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        if IHalfCloseableProtocol.providedBy(self.wrapped):
+        if _halfCloseable(self.wrapped):
             self.wrapped.writeConnectionLost()
 
     def connectionLost(self, reason: object = None) -> None:
@@ -85,3 +85,13 @@ class Layer(Protocol):
         if name.startswith("__") or name in ("transport", "wrapped"):
             raise AttributeError(name)
         return getattr(self.transport, name)
+
+
+def _halfCloseable(protocol: IProtocol) -> bool:
+    """
+    Whether a protocol's class handles half-close.  Not C{providedBy}: a TLS
+    protocol copies its transport's interfaces onto itself, so above a Layer
+    it claims IHalfCloseableProtocol and its readConnectionLost would come
+    straight back to us.
+    """
+    return IHalfCloseableProtocol.implementedBy(type(protocol))

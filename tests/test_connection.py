@@ -1,0 +1,139 @@
+"""The per-connection layer beside every service: records, reasons, TLS deadline."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from twistsock.connection import ConnectionFactory, TransportInfo, transportOf
+from twistsock.services import ServiceFactory
+
+PEER = IPv6Address("TCP", "::ffff:127.0.0.1", 40000)
+HOST = IPv4Address("TCP", "127.0.0.1", 5000)
+
+
+@pytest.fixture
+def records():
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    yield lambda: [e for e in observer if e.get("log_namespace", "").startswith("twistsock.connection")]
+    globalLogPublisher.removeObserver(observer)
+
+
+def connect(name="echo", transport=TransportInfo("tcp"), clock=None):
+    factory = ConnectionFactory(ServiceFactory(name), transport, handshakeTimeout=10, reactor=clock or MemoryReactorClock())
+    protocol = factory.buildProtocol(PEER)
+    wire = StringTransport(hostAddress=HOST, peerAddress=PEER)
+    protocol.makeConnection(wire)
+    return protocol, wire
+
+
+@pytest.mark.parametrize(
+    "endpoint, name, tls",
+    [
+        ("tcp:5000", "tcp", False),
+        ("tcp6:5000:interface=\\:\\:1", "tcp6", False),
+        ("unix:/tmp/x.sock", "unix", False),
+        ("ssl:443:privateKey=k.pem", "tls", True),
+        ("tls:/etc/certs:port=443", "tls", True),
+        ("mtls:443:privateKey=k:clientCA=c", "mtls", True),
+        ("proxy:tcp:5000", "proxy", False),
+        ("proxy:ssl:443:privateKey=k.pem", "proxy+tls", True),
+        ("proxy:mtls:443:privateKey=k:clientCA=c", "proxy+mtls", True),
+        ("haproxy:tcp:5000", "proxy", False),
+        # Twisted's haproxy: sits between TLS and us and hides the handshake.
+        ("haproxy:ssl:443:privateKey=k.pem", "proxy+tls", False),
+        ("systemd:domain=INET6:name=echo", "tcp6", False),
+        ("systemd:domain=UNIX:index=0", "unix", False),
+        ("stdio:", "stdio", False),
+    ],
+)
+def test_transport_names(endpoint, name, tls):
+    assert transportOf(endpoint) == TransportInfo(name, tls)
+
+
+def test_record_of_an_echo_the_peer_closed(records):
+    protocol, wire = connect()
+    protocol.dataReceived(b"hello")
+    protocol.dataReceived(b"!")
+    protocol.readConnectionLost()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert wire.value() == b"hello!"
+    (event,) = records()
+    assert {k: event[k] for k in ("service", "transport", "peer", "local", "reason", "bytes_in", "bytes_out", "detail")} == {
+        "service": "echo",
+        "transport": "tcp",
+        "peer": "127.0.0.1:40000",  # IPv4-mapped shows as plain IPv4
+        "local": "127.0.0.1:5000",
+        "reason": "peer closed",
+        "bytes_in": 6,
+        "bytes_out": 6,
+        "detail": None,
+    }
+    assert formatEvent(event).startswith("echo tcp 127.0.0.1:40000 -> 127.0.0.1:5000: peer closed after ")
+    assert formatEvent(event).endswith(" s, 6 bytes in, 6 bytes out")
+
+
+def test_record_when_the_service_closes(records):
+    protocol, wire = connect("upper")
+    protocol.dataReceived(b"abc\n")
+    assert wire.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    (event,) = records()
+    assert (event["reason"], event["bytes_in"], event["bytes_out"]) == ("service closed", 4, 4)
+
+
+def test_record_of_a_reset(records):
+    protocol, _ = connect()
+    protocol.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+    (event,) = records()
+    assert (event["reason"], event["detail"]) == ("error", "Connection reset by peer")
+
+
+def test_tls_handshake_deadline(records):
+    clock = MemoryReactorClock()
+    protocol, wire = connect(transport=TransportInfo("tls", True), clock=clock)
+    clock.advance(9.9)
+    assert not wire.disconnecting
+    clock.advance(0.1)
+    protocol.connectionLost(Failure(ConnectionLost()))
+    (event,) = records()
+    assert (event["reason"], event["detail"]) == ("tls handshake timeout", "no handshake within 10 s")
+
+
+class Certificate:
+    class _C:
+        class subject:
+            @staticmethod
+            def rfc4514_string():
+                return "CN=twistsock client"
+
+    def to_cryptography(self):
+        return self._C()
+
+
+def test_completed_handshake_cancels_the_deadline_and_names_the_client(records):
+    clock = MemoryReactorClock()
+    protocol, wire = connect(transport=TransportInfo("mtls", True), clock=clock)
+    wire.getPeerCertificate = lambda: Certificate()
+    protocol.handshakeCompleted()
+    assert clock.getDelayedCalls() == []
+    protocol.dataReceived(b"x")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    (event,) = records()
+    assert event["tls_client_subject"] == "CN=twistsock client"
+    assert formatEvent(event).endswith(", client certificate CN=twistsock client")
+
+
+def test_failed_handshake_is_one_record(records):
+    from OpenSSL import SSL
+
+    protocol, _ = connect(transport=TransportInfo("tls", True))
+    protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "wrong version number")])))
+    (event,) = records()
+    assert (event["reason"], event["detail"]) == ("tls handshake failed", "wrong version number")
+    assert event["bytes_in"] == 0

@@ -1,0 +1,230 @@
+"""
+TLS with real processes: `twist sockets` on ssl:, tls: (SNI directory) and
+mtls:, driven by the twistsock command and by `openssl s_client`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import WAIT, requireTool, startServer, twistsock
+from twistsock import certs
+
+SERVICES = ("echo", "upper", "sink", "ack")
+TRANSPORTS = ("ssl", "tls", "mtls")
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    made = certs.generate(tmp_path_factory.mktemp("certs"))
+    # tls:DIR must not hold the CA root (see twistsock.tls.checkSNIDirectory).
+    sni = made.ca.parent / "sni"
+    sni.mkdir()
+    shutil.copy(made.server, sni / "server.pem")
+    return SimpleNamespace(ca=made.ca, server=made.server, client=made.client, sni=sni)
+
+
+def endpointFor(transport: str, m) -> str:
+    if transport == "ssl":
+        return f"ssl:0:privateKey={m.server}:interface=127.0.0.1"
+    if transport == "tls":
+        return f"tls:{m.sni}:port=0:interface=\\:\\:1"
+    return f"mtls:0:privateKey={m.server}:clientCA={m.ca}:interface=127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def server(material):
+    """Every service over every TLS endpoint type, plus an ssl: port on 127.0.0.2 for the wrong-name case."""
+    args = ["--tls-handshake-timeout", "2"]
+    for transport in TRANSPORTS:
+        for name in SERVICES:
+            args += ["--listen", f"{name}@{endpointFor(transport, material)}"]
+    args += ["--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.2"]
+    server = startServer(*args)
+    yield server
+    server.stop()
+    assert "Traceback" not in "\n".join(server.lines)
+
+
+def port(server, name, transport) -> int:
+    kind = {"ssl": "ssl:", "tls": "tls:", "mtls": "mtls:"}[transport]
+    (entry,) = [e for e in server.listening if e.service == name and e.endpoint.startswith(kind) and "127.0.0.2" not in e.endpoint]
+    return entry.port
+
+
+def target(server, name, transport) -> str:
+    host = "[::1]" if transport == "tls" else "localhost"
+    return f"tls:{host}:{port(server, name, transport)}"
+
+
+def tlsArgs(material, transport) -> list[str]:
+    args = ["--ca", str(material.ca)]
+    return args + ["--cert", str(material.client)] if transport == "mtls" else args
+
+
+def ok(result) -> bytes:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_service_over_every_tls_endpoint(server, material, transport):
+    args = tlsArgs(material, transport)
+    assert ok(twistsock("echo", target(server, "echo", transport), *args, "over TLS")) == b"Received: over TLS\n"
+    assert ok(twistsock("upper", target(server, "upper", transport), *args, "over TLS")) == b"FROM SERVER: OVER TLS\n"
+    assert ok(twistsock("ack", target(server, "ack", transport), *args, f"ack over {transport}")) == b"I got your message\n"
+    ok(twistsock("send", target(server, "sink", transport), *args, f"sink over {transport}"))
+    server.waitFor(f"Here is the message: ack over {transport}$")
+    server.waitFor(f"-->sink over {transport}$")
+
+
+def test_ipv6_literals_work_with_tls_targets(server, material):
+    p = port(server, "upper", "tls")
+    for form in (f"tls:[::1]:{p}", f"tls:\\:\\:1:{p}"):
+        assert ok(twistsock("upper", form, "--ca", str(material.ca), "v6")) == b"FROM SERVER: V6\n"
+
+
+def test_echo_5_mib_byte_exact_over_tls(server, material):
+    result = twistsock("echo", target(server, "echo", "ssl"), "--ca", str(material.ca), "--size", str(5 << 20))
+    assert ok(result) == b"Received: 5242880 bytes, identical to those sent\n"
+
+
+def test_mtls_logs_the_verified_client_subject(server, material):
+    ok(twistsock("echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "who am I"))
+    server.waitFor(r"echo mtls 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+: .*, client certificate CN=twistsock client$")
+
+
+# -- the twistsock client's verification ----------------------------------------
+
+
+def test_wrong_hostname_is_refused_with_status_6(server, material):
+    wrong = next(e for e in server.listening if "127.0.0.2" in e.endpoint)
+    result = twistsock("echo", f"tls:127.0.0.2:{wrong.port}", "--ca", str(material.ca), "x")
+    assert result.returncode == 6
+    assert result.stderr == f"twistsock: tls:127.0.0.2:{wrong.port}: certificate verification failed: the certificate is not for this host\n".encode()
+
+
+def test_untrusted_ca_is_refused_with_status_6(server):
+    """Without --ca the platform's trust store is used, and our local CA is not in it."""
+    result = twistsock("echo", target(server, "echo", "ssl"), "x")
+    assert result.returncode == 6
+    assert result.stderr.endswith(b": certificate verification failed: certificate verify failed\n")
+
+
+def test_mtls_without_a_client_certificate_fails_with_status_7(server, material):
+    result = twistsock("echo", target(server, "echo", "mtls"), "--ca", str(material.ca), "x")
+    assert result.returncode == 7
+    assert b"TLS handshake failed" in result.stderr and result.stderr.count(b"\n") == 1
+    server.waitFor(r"echo mtls .*: tls handshake failed .*\(peer did not return a certificate\)$")
+
+
+# -- openssl s_client, an independent client -------------------------------------
+
+
+def sClient(port: int, *args: str, host: str = "127.0.0.1", input: bytes = b"") -> subprocess.CompletedProcess:
+    requireTool("openssl")
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "localhost", *args],
+        input=input, capture_output=True, timeout=WAIT,
+    )
+
+
+def test_tls_1_1_is_refused_and_1_2_and_1_3_accepted(server, material):
+    p = port(server, "echo", "ssl")
+    # SECLEVEL=0 lets this OpenSSL offer TLS 1.1 at all: the refusal is the server's.
+    old = sClient(p, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert old.returncode != 0
+    assert b"alert protocol version" in old.stderr + old.stdout
+    server.waitFor(r"echo tls .*: tls handshake failed .*\(unsupported protocol\)$")
+    for version, name in (("-tls1_2", b"TLSv1.2"), ("-tls1_3", b"TLSv1.3")):
+        new = sClient(p, version, "-CAfile", str(material.ca), "-verify_return_error")
+        assert new.returncode == 0, new.stderr
+        assert b"Protocol  : " + name in new.stdout or b"New, " + name in new.stdout
+        assert b"Verify return code: 0 (ok)" in new.stdout
+
+
+def test_s_client_without_a_client_certificate_is_refused_by_mtls(server, material):
+    p = port(server, "ack", "mtls")
+    refused = sClient(p, "-tls1_2", "-CAfile", str(material.ca), input=b"hello\n")
+    assert refused.returncode != 0
+    assert b"I got your message" not in refused.stdout
+    accepted = sClient(p, "-CAfile", str(material.ca), "-cert", str(material.client), "-quiet", input=b"hello from s_client\n")
+    assert b"I got your message" in accepted.stdout
+    server.waitFor(r"Here is the message: hello from s_client$")
+
+
+def test_s_client_echo_5_mib_byte_exact(server, material):
+    requireTool("openssl")
+    data = os.urandom(5 << 20)
+    process = subprocess.Popen(
+        ["openssl", "s_client", "-quiet", "-connect", f"127.0.0.1:{port(server, 'echo', 'ssl')}", "-CAfile", str(material.ca), "-verify_return_error"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    writer = threading.Thread(target=lambda: (process.stdin.write(data), process.stdin.flush()))
+    writer.start()
+    received = bytearray()
+    deadline = time.monotonic() + WAIT
+    try:
+        while len(received) < len(data) and time.monotonic() < deadline:
+            chunk = process.stdout.read1(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        writer.join(WAIT)
+        process.kill()
+        process.wait()
+        process.stdin.close()
+        process.stdout.close()
+    assert len(received) == len(data)
+    assert bytes(received) == data
+
+
+# -- bad clients: one line each, and the others keep being served --------------------
+
+
+def rawTLSPort(server, transport="ssl") -> int:
+    return port(server, "echo", transport)
+
+
+@pytest.mark.parametrize(
+    "payload, detail",
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", r"(http request|wrong version number)"),
+        (bytes(range(256)) * 4, r"[a-z ]+"),
+    ],
+)
+def test_plain_text_and_garbage_are_one_line_each(server, material, payload, detail):
+    with socket.create_connection(("127.0.0.1", rawTLSPort(server)), timeout=WAIT) as s:
+        me = s.getsockname()[1]
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+    lines = server.waitFor(rf"127\.0\.0\.1:{me} ")
+    assert len(lines) == 1
+    assert re.search(r"echo tls 127\.0\.0\.1:\d+ -> .*: tls handshake failed .*\(" + detail + r"\)$", lines[0]), lines
+    ok(twistsock("echo", target(server, "echo", "ssl"), "--ca", str(material.ca), "still serving"))
+
+
+def test_half_finished_handshake_times_out_while_others_are_served(server, material):
+    with socket.create_connection(("127.0.0.1", rawTLSPort(server, "mtls")), timeout=WAIT) as s:
+        me = s.getsockname()[1]
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+        # Meanwhile every other client is served.
+        ok(twistsock("echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "not blocked"))
+        try:
+            assert s.recv(100) == b""  # closed by the server at its deadline...
+        except ConnectionResetError:
+            pass  # ...by an abort, which may send a reset
+    (line,) = server.waitFor(rf"127\.0\.0\.1:{me} ")
+    assert re.search(r"echo mtls .*: tls handshake timeout after .*\(no handshake within 2 s\)$", line), line
