@@ -152,6 +152,15 @@ def test_tls_1_1_is_refused_and_1_2_and_1_3_accepted(server, material):
         assert b"Verify return code: 0 (ok)" in new.stdout
 
 
+def test_mtls_accepts_only_forward_secret_aead_suites_in_tls_1_2(server, material):
+    cbc = "ECDHE-ECDSA-AES128-SHA"
+    common = ["-tls1_2", "-CAfile", str(material.ca), "-cert", str(material.client)]
+    assert sClient(port(server, "echo", "ssl"), "-tls1_2", "-cipher", cbc, "-CAfile", str(material.ca)).returncode == 0
+    assert sClient(port(server, "echo", "mtls"), *common, "-cipher", cbc).returncode != 0
+    gcm = sClient(port(server, "echo", "mtls"), *common, "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert gcm.returncode == 0 and b"ECDHE-ECDSA-AES128-GCM-SHA256" in gcm.stdout
+
+
 def test_s_client_without_a_client_certificate_is_refused_by_mtls(server, material):
     p = port(server, "ack", "mtls")
     refused = sClient(p, "-tls1_2", "-CAfile", str(material.ca), input=b"hello\n")

@@ -7,9 +7,9 @@ before the TLS handshake: the order HAProxy's C{send-proxy} uses in TCP mode.
 (Twisted's C{haproxy:ssl:...} expects it inside TLS.)
 
 Unlike Twisted's C{haproxy:} wrapper, a header may arrive in pieces of any
-size, the protocol behind starts only once the header is read (so its
-C{connectionMade} already sees the real client), and half-close passes
-through.
+size (Twisted's refuses a first piece shorter than 8 or 16 bytes), and the
+protocol behind starts only once the header is read, so its C{connectionMade}
+already sees the real client.
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ def privateCertificate(privateKey: str, certKey: str | None = None) -> ssl.Priva
         raise ValueError(f"cannot load the key and certificate from {privateKey}: {e}") from None
 
 
+#: TLS 1.2 cipher suites of mtls: forward secret and authenticated encryption
+#: only (TLS 1.3's suites are all both).
+STRICT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def mutualTLSOptions(privateKey: str, clientCA: str, certKey: str | None = None) -> ssl.CertificateOptions:
     """Server options that require a client certificate signed by C{clientCA}; TLS 1.2 at least."""
     own = privateCertificate(privateKey, certKey)
@@ -61,6 +66,7 @@ def mutualTLSOptions(privateKey: str, clientCA: str, certKey: str | None = None)
         requireCertificate=True,
         caCerts=[c.original for c in certificates(clientCA, "clientCA file")],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(STRICT_CIPHERS),
     )
 
 
