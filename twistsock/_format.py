@@ -86,3 +86,49 @@ def errorText(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e).strip().rstrip(".") or type(e).__name__
+
+
+def splitEndpoint(text: str) -> list[str]:
+    """Split an endpoint string at unescaped colons and undo the escapes, as Twisted does."""
+    fields, current, chars = [], [], iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def splitHostTarget(target: str) -> tuple[str, str, int, dict[str, str]]:
+    """
+    Split C{SCHEME:HOST:PORT[:key=value...]}; HOST may be C{[::1]} or an
+    escaped IPv6 literal (C{\\:\\:1}).
+
+    @raise ValueError: not of that form.
+    """
+    scheme, _, rest = target.partition(":")
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0 or rest[end + 1 : end + 2] != ":":
+            raise ValueError(f"a target is {scheme}:HOST:PORT")
+        host, fields = rest[1:end], splitEndpoint(rest[end + 2 :])
+    else:
+        fields = splitEndpoint(rest)
+        if len(fields) < 2 or "=" in fields[0]:
+            raise ValueError(f"a target is {scheme}:HOST:PORT")
+        host, fields = fields[0], fields[1:]
+    port, options = fields[0], {}
+    for field in fields[1:]:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"unexpected {field!r} in {target!r}")
+        options[key] = value
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port {port!r} in {target!r}")
+    if not host or (":" in host and not isIPv6Literal(host)):
+        raise ValueError(f"bad host {host!r} in {target!r}")
+    return scheme, host, int(port), options

@@ -32,7 +32,8 @@ EXIT_STATUSES = {
 
 _EPILOG = (
     "TARGET is a Twisted client endpoint string (tcp:127.0.0.1:5000, "
-    "unix:path=/tmp/echo.sock, tls:localhost:3443, tls:[::1]:3443) or HOST PORT, "
+    "unix:path=/tmp/echo.sock, tls:localhost:3443, tls:[::1]:3443; udp:HOST:PORT "
+    "for the udp command) or HOST PORT, "
     "where HOST may be a name or an IPv4 or IPv6 literal (::1). tls: targets "
     "verify the server's certificate and name.\n\nexit statuses:\n"
     + "\n".join(f"  {status:>3}  {meaning}" for status, meaning in EXIT_STATUSES.items())
@@ -72,13 +73,14 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     parser.add_argument("--version", action="version", version=f"twistsock {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, help: str, rest: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, rest: str, tls: bool = True) -> argparse.ArgumentParser:
         usage = f"twistsock {name} [options] TARGET [{rest}]\n       twistsock {name} [options] HOST PORT [{rest}]"
         sub = commands.add_parser(name, help=help, description=help, usage=usage, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("words", nargs="+", metavar=f"TARGET [{rest}]", help=f"where to connect, then the {rest.lower()} (default: read from standard input)")
         sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take (default: %(default)g)")
-        sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
-        sub.add_argument("--cert", metavar="FILE", help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)")
+        if tls:
+            sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
+            sub.add_argument("--cert", metavar="FILE", help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)")
         return sub
 
     command("send", "Send a message, then close (seed 000's streamwrite).", "MESSAGE")
@@ -86,6 +88,8 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     echo.add_argument("--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)")
     command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient).", "LINE")
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
+    datagram = command("udp", "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.", "MESSAGE", tls=False)
+    datagram.add_argument("--retries", type=_size, default=client.DEFAULT_RETRIES, help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)")
     certs = commands.add_parser("certs", help="Make a local CA, a server and a client certificate.", description=certsModule.__doc__.strip().splitlines()[0])
     certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: %(default)s)")
     certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
@@ -139,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         target, words = splitTarget(args.words)
         # A malformed target or certificate file is a usage error, before anything runs.
-        client.endpoint(target, ca=args.ca, cert=args.cert)
+        if args.command == "udp":
+            client.udpTarget(target)
+        else:
+            client.endpoint(target, ca=args.ca, cert=args.cert)
         run = _COMMANDS[args.command](args, target, _message(words))
     except ValueError as e:
         parser.error(str(e))
@@ -225,4 +232,11 @@ def _ack(args, target, message):
     return lambda reactor: client.ack(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(_out)
 
 
-_COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack}
+def _udp(args, target, message):
+    data = message if message is not None else sys.stdin.buffer.read()
+    return lambda reactor: client.udp(target, data, timeout=args.timeout, retries=args.retries, reactor=reactor).addCallback(
+        lambda reply: _out(b"FROM SERVER: ", reply)
+    )
+
+
+_COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack, "udp": _udp}

@@ -25,18 +25,23 @@ exits with; a malformed target raises L{ValueError} at once.
 from __future__ import annotations
 
 import errno
-from typing import Union
+import os
+import socket
+from typing import Any, Union
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import tls
-from ._format import errorText
+from ._format import errorText, splitHostTarget
 
 __all__ = [
     "Target",
@@ -54,6 +59,8 @@ __all__ = [
     "echo",
     "upper",
     "ack",
+    "udp",
+    "DEFAULT_RETRIES",
 ]
 
 Target = Union[str, "tuple[str, int]", IStreamClientEndpoint]
@@ -152,6 +159,142 @@ def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca:
 
 
 _PENDING = object()
+
+
+#: How many times udp() sends again when no reply has come, unless told otherwise.
+DEFAULT_RETRIES = 2
+#: The largest datagram udp() sends (over IPv4; IPv6 allows 65527).
+MAX_DATAGRAM = 65507
+
+
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    reactor: Any = None,
+) -> defer.Deferred[bytes]:
+    """
+    Send one datagram and fire with the first reply (seed 002's UDP client).
+    The datagram is sent again C{retries} times, evenly within C{timeout}, if
+    no reply has come.  The socket is connected, so only the target can answer.
+    C{target} is C{udp:HOST:PORT} (C{udp:[::1]:5000}) or C{(host, port)}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    host, port = udpTarget(target)
+    if len(data) > MAX_DATAGRAM:
+        raise ValueError(f"a datagram holds at most {MAX_DATAGRAM} bytes, not {len(data)}")
+    if retries < 0:
+        raise ValueError("retries must be 0 or more")
+    where = _describe(target)
+    exchange = _DatagramExchange(reactor, data, timeout / (retries + 1), retries + 1)
+    exchange.peerPort = port
+    d = _resolve(reactor, host, port).addCallback(exchange.start)
+    d.addTimeout(timeout, reactor)
+    d.addBoth(exchange.stop)
+    return d.addErrback(_translate, where, timeout)
+
+
+def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
+    """
+    The host and port of a UDP target.
+
+    @raise ValueError: neither C{udp:HOST:PORT} nor C{(host, port)}.
+    """
+    if isinstance(target, tuple):
+        host, port = target
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} is not between 1 and 65535")
+        return host, int(port)
+    if not target.startswith("udp:"):
+        raise ValueError(f"bad target {target!r}: a UDP target is udp:HOST:PORT or HOST PORT")
+    _, host, port, options = splitHostTarget(target)
+    if options:
+        raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(options))}")
+    return host, port
+
+
+def _resolve(reactor: Any, host: str, port: int) -> defer.Deferred[str]:
+    """The first address of C{host} (IPv4 or IPv6); an address literal is itself."""
+    if isIPAddress(host) or isIPv6Address(host):
+        return defer.succeed(host)
+    found: list[str] = []
+    done: defer.Deferred[str] = defer.Deferred()
+
+    @implementer(IResolutionReceiver)
+    class Receiver:
+        def resolutionBegan(self, resolution: object) -> None:
+            pass
+
+        def addressResolved(self, address: Any) -> None:
+            found.append(address.host)
+
+        def resolutionComplete(self) -> None:
+            if found:
+                done.callback(found[0])
+            else:
+                done.errback(error.DNSLookupError(host))
+
+    reactor.nameResolver.resolveHostName(Receiver(), host, port, transportSemantics="UDP")
+    return done
+
+
+class _DatagramExchange(DatagramProtocol):
+    """Send a datagram every C{interval} seconds, C{attempts} times, until a reply comes."""
+
+    def __init__(self, reactor: Any, data: bytes, interval: float, attempts: int) -> None:
+        self.reactor = reactor
+        self.data = data
+        self.interval = interval
+        self.attempts = attempts
+        self.port: Any = None
+        self._resend: Any = None
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def start(self, address: str) -> defer.Deferred[bytes]:
+        interface = "::" if ":" in address else "0.0.0.0"
+        self.port = self.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024)
+        self.transport.connect(address, self.peerPort)
+        self._send()
+        return self.done
+
+    def _send(self) -> None:
+        self._resend = None
+        if self.attempts > 0 and not self.done.called and self.transport is not None:
+            self.attempts -= 1
+            self.transport.write(self.data)
+            if self.attempts:
+                self._resend = self.reactor.callLater(self.interval, self._send)
+
+    def datagramReceived(self, data: bytes, address: object) -> None:
+        if not self.done.called:
+            self.done.callback(data)
+
+    def connectionRefused(self) -> None:
+        # An ICMP port unreachable: nothing listens there.
+        if not self.done.called:
+            self.done.errback(error.ConnectionRefusedError())
+
+    def doStop(self) -> None:
+        # The epoll reactor takes the ICMP error on a connected UDP socket
+        # (EPOLLERR without EPOLLIN) for a disconnect and drops the port
+        # without calling connectionRefused: the socket, still open here,
+        # says why.
+        if not self.done.called and self.transport is not None:
+            code = self.transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == errno.ECONNREFUSED:
+                self.done.errback(error.ConnectionRefusedError())
+            else:
+                self.done.errback(error.ConnectError(code, os.strerror(code) if code else "the socket was closed"))
+
+    def stop(self, result: object) -> object:
+        if self._resend is not None and self._resend.active():
+            self._resend.cancel()
+        if self.port is not None:
+            self.port.stopListening()
+        return result
 
 
 class _Exchange(Protocol):

@@ -1,7 +1,7 @@
 """
 C{[SERVICE@]ENDPOINT} to a listening service.
 
-ENDPOINT is any Twisted server endpoint string.  The service name is the text
+ENDPOINT is any Twisted server endpoint string, or C{udp:PORT[:interface=ADDR]}.  The service name is the text
 before C{@}, when the text before the first C{:} contains one; otherwise the
 service is C{echo}.
 """
@@ -19,10 +19,11 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._format import describe, errorText
+from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, transportOf, unwrap
-from .services import SERVICES, ServiceConfig, ServiceFactory
+from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory
 from .tls import checkSNIDirectory
+from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
 
 DEFAULT_SERVICE = "echo"
 
@@ -51,19 +52,21 @@ def parseListen(text: str) -> ListenSpec:
         raise ValueError(f"unknown service {service!r} in {text!r} (known: {', '.join(SERVICES)})")
     if not endpoint:
         raise ValueError(f"no endpoint in {text!r}")
-    _, kind, rest = unwrap(endpoint)
-    if kind == "tls" and rest:
-        try:
-            checkSNIDirectory(rest.split(":", 1)[0].replace("\\:", ":"))
-        except ValueError as e:
-            raise ValueError(f"bad endpoint {endpoint!r}: {e}") from None
+    wrappers, kind, rest = unwrap(endpoint)
     try:
+        if kind == "udp":
+            if wrappers:
+                raise ValueError("a PROXY header cannot come before datagrams")
+            parseUDP(endpoint)
+            return ListenSpec(service, endpoint)
+        if kind == "tls" and rest:
+            checkSNIDirectory(splitEndpoint(rest)[0])
         # Endpoint parsers only record the reactor; parsing with a stand-in
         # checks the syntax (and reads certificate files) before any reactor
         # is installed, so `twist --reactor=...` still works.
         serverFromString(_ParseOnlyReactor(), endpoint)
     except Exception as e:  # every parser error is a usage error here
-        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from e
+        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from None
     return ListenSpec(service, endpoint)
 
 
@@ -217,10 +220,17 @@ def listeningService(
     onFailure: Callable[[str], None],
     *,
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    datagrams: DatagramPolicy = DatagramPolicy(),
+    summaryInterval: float = 60.0,
 ) -> ListeningService:
     """Build the service that listens for C{spec} with the running reactor."""
     from twisted.internet import reactor
 
+    if unwrap(spec.endpoint)[1] == "udp":
+        port, interface = parseUDP(spec.endpoint)
+        endpoint = DatagramEndpoint(reactor, port, interface or defaultInterface(), summaryInterval)
+        server = DatagramServer(spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds)
+        return ListeningService(spec, endpoint, server, onFailure)
     endpoint = serverFromString(reactor, spec.endpoint)
     factory = ConnectionFactory(
         ServiceFactory(spec.service, config),

@@ -1,10 +1,11 @@
 """
-The stream services, looked up by name: C{echo}, C{upper}, C{sink}, C{ack}.
+The services, looked up by name: C{echo}, C{upper}, C{sink}, C{ack}.
 
 Each is one small L{Protocol} that knows nothing of the transport beneath it
-(TCP, TCP6, UNIX, TLS, PROXY).  What every service shares, bounded buffering
+(TCP, TCP6, UNIX, TLS, PROXY), and a datagram twin: a function from one
+datagram to its reply.  What every stream service shares, bounded buffering
 and half-close, lives in L{StreamService}; line framing and its limit live in
-L{LineService}.
+L{LineService}.  What every datagram service shares lives in L{twistsock.udp}.
 """
 
 from __future__ import annotations
@@ -191,12 +192,45 @@ class Ack(LineService):
         self.transport.write(ACK_REPLY)
 
 
+# -- the datagram twins: each takes a datagram and its sender, and returns the reply or None --
+
+
+def echoDatagram(data: bytes, peer: str) -> bytes:
+    """Send the datagram back (RFC 862 over UDP)."""
+    return data
+
+
+def upperDatagram(data: bytes, peer: str) -> bytes:
+    """Send the datagram back upper-cased (ASCII letters only: the same length)."""
+    return data.upper()
+
+
+def sinkDatagram(data: bytes, peer: str) -> None:
+    """Log the datagram; answer nothing."""
+    Sink.log.info("{peer} -->{message}", peer=peer, message=printable(data))
+
+
+def ackDatagram(data: bytes, peer: str) -> bytes:
+    """Log the datagram and acknowledge it."""
+    Ack.log.info("{peer} Here is the message: {message}", peer=peer, message=printable(data.rstrip(b"\r\n")))
+    return ACK_REPLY
+
+
 #: The stream services by the name C{--listen SERVICE@ENDPOINT} uses.
 SERVICES: dict[str, type[StreamService]] = {
     "echo": Echo,
     "upper": Upper,
     "sink": Sink,
     "ack": Ack,
+}
+
+
+#: The datagram twins, by the same names, for C{--listen SERVICE@udp:PORT}.
+DATAGRAM_SERVICES = {
+    "echo": echoDatagram,
+    "upper": upperDatagram,
+    "sink": sinkDatagram,
+    "ack": ackDatagram,
 }
 
 

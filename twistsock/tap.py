@@ -8,6 +8,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .listen import ListenSpec, SocketsService, listeningService, parseListen
+from . import udp
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
 from .services import DEFAULT_MAX_LINE, ServiceConfig
 
@@ -22,7 +23,7 @@ class Options(usage.Options):
         "Serve the classic socket services on Twisted endpoints. SERVICE is one of "
         "echo, upper, sink, ack (default echo); ENDPOINT is any Twisted server "
         "endpoint string: tcp:5000, tcp6:5000, unix:/tmp/echo.sock, ssl:..., tls:DIR, "
-        "mtls:..., proxy:ENDPOINT, systemd:... "
+        "mtls:..., proxy:ENDPOINT, systemd:..., or udp:PORT[:interface=ADDR] "
         f"With no --listen: {DEFAULT_LISTEN}."
     )
     optFlags = [
@@ -31,6 +32,11 @@ class Options(usage.Options):
     optParameters = [
         ["max-line", None, DEFAULT_MAX_LINE, "upper, ack: longest line accepted, in bytes.", int],
         ["tls-handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT, "Seconds a TLS client has to finish its handshake.", float],
+        ["udp-rate", None, udp.DEFAULT_RATE, "UDP: datagrams per second answered per source address (0: no limit).", float],
+        ["udp-burst", None, udp.DEFAULT_BURST, "UDP: datagrams a source may send at once before --udp-rate applies.", int],
+        ["udp-amplification", None, udp.DEFAULT_AMPLIFICATION, "UDP: a reply may be at most this many times its request's size.", float],
+        ["udp-blocked-ports", None, "reflecting", "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list."],
+        ["udp-summary-interval", None, 60.0, "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).", float],
     ]
 
     def __init__(self) -> None:
@@ -49,6 +55,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-line must be at least 1")
         if not self["tls-handshake-timeout"] > 0:
             raise usage.UsageError("--tls-handshake-timeout must be more than 0")
+        if self["udp-rate"] < 0 or self["udp-burst"] < 1 or self["udp-amplification"] <= 0 or self["udp-summary-interval"] < 0:
+            raise usage.UsageError("--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0")
+        self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
         if not self["listen"]:
             self.opt_listen(DEFAULT_LISTEN)
 
@@ -56,7 +65,35 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """One child service per C{--listen}, under a L{SocketsService}."""
     config = ServiceConfig(maxLine=options["max-line"], keepOpen=bool(options["keep-open"]))
+    datagrams = udp.DatagramPolicy(
+        rate=options["udp-rate"],
+        burst=options["udp-burst"],
+        amplification=options["udp-amplification"],
+        blockedPorts=options["udp-blocked-ports"],
+    )
     root = SocketsService()
     for spec in options["listen"]:
-        listeningService(spec, config, root.fail, handshakeTimeout=options["tls-handshake-timeout"]).setServiceParent(root)
+        listeningService(
+            spec,
+            config,
+            root.fail,
+            handshakeTimeout=options["tls-handshake-timeout"],
+            datagrams=datagrams,
+            summaryInterval=options["udp-summary-interval"],
+        ).setServiceParent(root)
     return root
+
+
+def _ports(text: str) -> frozenset[int]:
+    """--udp-blocked-ports: 'reflecting', 'none', or a list; port 0 is always blocked."""
+    if text == "reflecting":
+        return udp.REFLECTING_PORTS
+    if text == "none":
+        return frozenset({0})
+    try:
+        ports = {int(p) for p in text.split(",") if p.strip()}
+    except ValueError:
+        raise usage.UsageError(f"--udp-blocked-ports: {text!r} is not 'reflecting', 'none' or a list of ports") from None
+    if any(not 0 <= p <= 65535 for p in ports):
+        raise usage.UsageError("--udp-blocked-ports: ports are 0 to 65535")
+    return frozenset(ports | {0})

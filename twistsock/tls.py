@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ._format import isIPv6Literal
+from ._format import splitHostTarget
 
 
 def _read(path: str, what: str) -> bytes:
@@ -179,48 +179,11 @@ def _trusted(ca: str) -> list[ssl.Certificate]:
     return certificates(ca)
 
 
-_TLS_TARGET = re.compile(r"^tls:\[(?P<host>[^\]]+)\]:(?P<port>\d+)(?P<rest>(:.*)?)$")
-
-
 def parseTLSTarget(target: str) -> tuple[str, int, dict[str, str]]:
     """
     Split C{tls:HOST:PORT[:key=value...]}; HOST may be C{[::1]} or an escaped
     IPv6 literal (C{\\:\\:1}).  Twisted's own C{tls:} parser fails on IPv6
     literals (it passes them to IDNA).
     """
-    bracketed = _TLS_TARGET.match(target)
-    if bracketed:
-        host, port = bracketed["host"], bracketed["port"]
-        fields = _split(bracketed["rest"][1:]) if bracketed["rest"] else []
-    else:
-        fields = _split(target)[1:]
-        if len(fields) < 2 or "=" in fields[0] or "=" in fields[1]:
-            raise ValueError("a TLS target is tls:HOST:PORT")
-        host, port = fields[0], fields[1]
-        fields = fields[2:]
-    options = {}
-    for field in fields:
-        key, sep, value = field.partition("=")
-        if not sep:
-            raise ValueError(f"unexpected {field!r} in {target!r}")
-        options[key] = value
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r} in {target!r}")
-    if ":" in host and not isIPv6Literal(host):
-        raise ValueError(f"bad host {host!r} in {target!r}")
-    return host, int(port), options
-
-
-def _split(text: str) -> list[str]:
-    """Split at unescaped colons and undo the escapes, as Twisted's endpoint strings do."""
-    fields, current, chars = [], [], iter(text)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    fields.append("".join(current))
-    return fields
+    _, host, port, options = splitHostTarget(target)
+    return host, port, options
