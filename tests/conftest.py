@@ -57,13 +57,23 @@ class Server:
     """A running `twist sockets` (or `twistd -n sockets`) and what it logged."""
 
     process: subprocess.Popen
+    json: bool = False
     lines: list[str] = field(default_factory=list)
+    #: With json=True: every event as `twist --log-format=json` wrote it.
+    events: list[dict] = field(default_factory=list)
     listening: list[Listening] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     def _read(self) -> None:
+        from twisted.logger import eventFromJSON, formatEvent
+
         for raw in self.process.stdout:
             line = raw.rstrip("\n")
+            if self.json and line.startswith("\x1e"):
+                # RFC 7464: a record separator, then one JSON object.
+                event = eventFromJSON(line[1:])
+                self.events.append(event)
+                line = f"[{event.get('log_namespace')}] {formatEvent(event)}"
             with self._changed:
                 self.lines.append(line)
                 m = _LISTENING.search(line)
@@ -111,8 +121,10 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None) -> Server:
+def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None, json: bool = False) -> Server:
     """Start `twist sockets ARGS` and wait until every --listen is listening."""
+    if json:
+        command = (TWIST, "--log-format=json")
     process = subprocess.Popen(
         [*command, "sockets", *args],
         stdout=subprocess.PIPE,
@@ -122,7 +134,7 @@ def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=tex
         errors="backslashreplace",
         cwd=cwd,
     )
-    server = Server(process)
+    server = Server(process, json=json)
     server._reader = threading.Thread(target=server._read, daemon=True)
     server._reader.start()
     expected = max(1, sum(1 for a in args if a == "--listen" or a.startswith("--listen=")))

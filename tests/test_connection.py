@@ -20,7 +20,7 @@ HOST = IPv4Address("TCP", "127.0.0.1", 5000)
 def records():
     observer = EventLoggingObserver()
     globalLogPublisher.addObserver(observer)
-    yield lambda: [e for e in observer if e.get("log_namespace", "").startswith("twistsock.connection")]
+    yield lambda: [e for e in observer if e.get("log_namespace", "") == "twistsock.connection.Connection"]
     globalLogPublisher.removeObserver(observer)
 
 
@@ -137,3 +137,74 @@ def test_failed_handshake_is_one_record(records):
     (event,) = records()
     assert (event["reason"], event["detail"]) == ("tls handshake failed", "wrong version number")
     assert event["bytes_in"] == 0
+
+
+# -- the registry: limits, idle sweeping, draining (a fake clock) --
+
+from twistsock.connection import Connections  # noqa: E402
+
+
+def open_(connections, clock, name="echo", peer=PEER):
+    factory = ConnectionFactory(ServiceFactory(name), TransportInfo("tcp"), connections=connections, reactor=clock)
+    protocol = factory.buildProtocol(peer)
+    wire = StringTransport(hostAddress=HOST, peerAddress=peer)
+    protocol.makeConnection(wire)
+    return protocol, wire
+
+
+def close(protocol):
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_idle_sweep_closes_the_silent_and_spares_the_talkative(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=2)
+    connections.start()
+    talkative, talkWire = open_(connections, clock)
+    silent, silentWire = open_(connections, clock)
+    for _ in range(12):  # 6 seconds, a byte every half second
+        clock.advance(0.5)
+        talkative.dataReceived(b".")
+    assert silentWire.disconnecting and not talkWire.disconnecting
+    close(silent)
+    assert [e["reason"] for e in records()] == ["idle timeout"]
+    connections.stop()
+
+
+def test_limits_total_and_per_peer(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxConnections=3, maxPerPeer=2, idleTimeout=0)
+    a, _ = open_(connections, clock)
+    b, _ = open_(connections, clock)
+    c, cWire = open_(connections, clock)  # a third from the same address
+    assert cWire.disconnecting
+    d, _ = open_(connections, clock, peer=IPv4Address("TCP", "127.0.0.2", 1))
+    e, eWire = open_(connections, clock, peer=IPv4Address("TCP", "127.0.0.3", 1))  # a fourth in all
+    assert eWire.disconnecting
+    for p in (c, e):
+        close(p)
+    assert [(r["reason"], r["detail"]) for r in records()] == [("limit", "max per peer"), ("limit", "max connections")]
+    assert connections.refused == {("echo", "max per peer"): 1, ("echo", "max connections"): 1}
+    assert len(connections.active) == 3
+    close(a)
+    f, fWire = open_(connections, clock)
+    assert not fWire.disconnecting
+
+
+def test_drain_waits_for_open_connections_then_closes_the_rest(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=0)
+    finishing, _ = open_(connections, clock)
+    lingering, lingeringWire = open_(connections, clock)
+    drained = connections.drain(10)
+    assert not drained.called
+    late, lateWire = open_(connections, clock)
+    assert lateWire.disconnecting  # nobody new while draining
+    close(late)
+    close(finishing)
+    assert not drained.called
+    clock.advance(10)
+    assert lingeringWire.disconnecting
+    close(lingering)
+    assert drained.called
+    assert [r["reason"] for r in records()] == ["limit", "peer closed", "server shutdown"]

@@ -98,7 +98,7 @@ def test_twins():
 def test_echo_answers_and_counts_once_sent():
     s, _ = server()
     assert s.handle(b"x" * 65507, "127.0.0.1", 40000) == b"x" * 65507
-    s.sent(True)
+    s.sent(True, "127.0.0.1")
     assert s.counts == {"answered": 1}
 
 
@@ -192,3 +192,25 @@ def test_reply_from_the_ipv4_pktinfo_destination():
     info = struct.pack("i", 3) + socket.inet_aton("127.0.0.9") + socket.inet_aton("127.0.0.2")
     (level, kind, data), = udp._replyFrom([(socket.IPPROTO_IP, udp.IP_PKTINFO, info)])
     assert data == struct.pack("i", 0) + socket.inet_aton("127.0.0.2") + b"\0\0\0\0"
+
+
+def test_summary_by_source_busiest_first_and_bounded():
+    s, _ = server("sink")
+    for i in range(30):
+        for _ in range(i + 1):
+            s.handle(b"x", f"192.0.2.{i}", 40000)
+    s.handle(b"x", "192.0.2.1", 7)
+    summary = s.takeSummary()
+    assert len(summary) == udp.SUMMARY_SOURCES + 1
+    assert summary[0] == ("192.0.2.29", {"no reply": 30})
+    assert summary[-1][0] == "other sources"
+    assert sum(sum(c.values()) for _, c in summary) == sum(range(1, 31)) + 1
+    assert s.takeSummary() == []
+
+
+def test_counted_sources_are_bounded():
+    s, _ = server("sink", rate=0)
+    for i in range(udp.COUNTED_SOURCES + 500):
+        s.handle(b"x", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 40000)
+    assert len(s.bySource) == udp.COUNTED_SOURCES + 1
+    assert s.bySource["other sources"] == {"no reply": 500}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 
@@ -84,7 +85,7 @@ def test_ipv4_and_ipv6_peers_on_one_port_logged_as_such(server):
 
 def test_no_amplification(server):
     assert exchange(("127.0.0.1", port(server, "ack")), b"x", timeout=0.5) is None
-    server.waitFor(r"ack udp \[::\]:\d+: .*reply larger than request")
+    server.waitFor(r"ack udp \[::\]:\d+ from 127\.0\.0\.1: .*reply larger than request")
     assert exchange(("127.0.0.1", port(server, "ack")), b"long enough to be acked") == b"I got your message"
 
 
@@ -93,13 +94,13 @@ def test_reflecting_source_ports_are_never_answered(server):
         assert exchange(("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", source), timeout=0.5) is None
     if os.geteuid() == 0:
         assert exchange(("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", 7), timeout=0.5) is None
-    server.waitFor(r"echo udp \[::\]:\d+: .*blocked source port")
+    server.waitFor(r"echo udp \[::\]:\d+ from 127\.0\.0\.1: .*blocked source port")
 
 
 def test_sink_logs_and_answers_nothing(server):
     assert exchange(("127.0.0.1", port(server, "sink")), b"Half a league over udp", timeout=0.5) is None
     server.waitFor(r"\] 127\.0\.0\.1:\d+ -->Half a league over udp$")
-    server.waitFor(r"sink udp \[::\]:\d+: .*no reply")
+    server.waitFor(r"sink udp \[::\]:\d+ from 127\.0\.0\.1: .*no reply")
 
 
 def test_rate_limit_holds_with_real_sockets():
@@ -120,7 +121,7 @@ def test_rate_limit_holds_with_real_sockets():
         assert replies == [b"0", b"1", b"2", b"3", b"4"]
     finally:
         server.stop()
-    assert any("15 rate limited" in line for line in server.lines), server.lines[-5:]
+    assert any(re.search(r"echo udp 127\.0\.0\.1:\d+ from 127\.0\.0\.1: 5 answered, 15 rate limited$", line) for line in server.lines), server.lines[-5:]
 
 
 # -- the client --

@@ -1,34 +1,60 @@
 """
 What twistsock adds around every stream service, beside it rather than inside
-it: one record per connection when it ends, and for TLS a handshake deadline
-and the verified client certificate.
+it: one record per connection when it ends; limits on connections, in all and
+per client; an idle timeout; for TLS a handshake deadline and the verified
+client certificate; the tallies the metrics are made of; and draining at
+shutdown.
+
+The bookkeeping is cheap on purpose: a read stores a tick number and adds to
+a byte count; no timer is armed per read.  One sweep a second (at most)
+closes idle connections.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._format import describe, errorText
+from ._format import describe, errorText, host
 from ._layer import Layer
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
+#: Seconds without a byte from the peer before a connection is closed (seed 001's select()).
+DEFAULT_IDLE_TIMEOUT = 30.0
+#: Seconds open connections have to finish after SIGTERM.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+#: Connections served at once, over all listening ports.
+DEFAULT_MAX_CONNECTIONS = 10000
+
 # Why a connection ended, as the record says it.
 PEER_CLOSED = "peer closed"
 SERVICE_CLOSED = "service closed"
 ERROR = "error"
+IDLE_TIMEOUT = "idle timeout"
+LIMIT = "limit"
+SHUTDOWN = "server shutdown"
 HANDSHAKE_FAILED = "tls handshake failed"
 HANDSHAKE_TIMEOUT = "tls handshake timeout"
+
+# Why a connection was refused, as the metrics say it.
+REFUSED_TOTAL = "max connections"
+REFUSED_PER_PEER = "max per peer"
+REFUSED_DRAINING = "shutting down"
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,147 @@ def transportOf(endpoint: str) -> TransportInfo:
     return TransportInfo(name, tls and "haproxy" not in wrappers)
 
 
+class Connections:
+    """
+    Every stream connection of one server process: limits, idle sweeping,
+    draining, and the tallies behind the metrics.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        *,
+        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+        maxPerPeer: int = 0,
+        idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self._reactor = reactor
+        self.maxConnections = maxConnections
+        self.maxPerPeer = maxPerPeer
+        self.idleTimeout = idleTimeout
+        self.active: set[Connection] = set()
+        self.perPeer: Counter[str] = Counter()
+        #: Advanced once per sweep; a connection remembers the tick of its last read.
+        self.tick = 0
+        self.tickSeconds = min(1.0, idleTimeout / 4) if idleTimeout > 0 else 1.0
+        self._idleTicks = math.ceil(idleTimeout / self.tickSeconds) if idleTimeout > 0 else 0
+        self._sweeper: LoopingCall | None = None
+        self.draining = False
+        self._drained: defer.Deferred[None] | None = None
+        # Tallies for the metrics, by (service, transport) or service.
+        self.opened: Counter[tuple[str, str]] = Counter()
+        self.activeBy: Counter[tuple[str, str]] = Counter()
+        self.refused: Counter[tuple[str, str]] = Counter()
+        self.closedBytesIn: Counter[str] = Counter()
+        self.closedBytesOut: Counter[str] = Counter()
+        self.handshakeFailures: Counter[str] = Counter()
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def start(self) -> None:
+        """Start sweeping idle connections."""
+        if self._idleTicks and self._sweeper is None:
+            self._sweeper = LoopingCall(self.sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(self.tickSeconds, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def sweep(self) -> None:
+        """Advance the tick; close every connection that has been silent for the idle timeout."""
+        self.tick += 1
+        oldest = self.tick - self._idleTicks
+        for connection in [c for c in self.active if c.lastTick <= oldest]:
+            connection.closeFor(IDLE_TIMEOUT, f"nothing received for {self.idleTimeout:g} s")
+
+    def admit(self, connection: Connection) -> str | None:
+        """Take a new connection in, or say why not."""
+        key = (connection.factory.serviceName, connection.factory.transport.name)
+        peer = connection.peerKey
+        if self.draining:
+            reason = REFUSED_DRAINING
+        elif self.maxConnections and len(self.active) >= self.maxConnections:
+            reason = REFUSED_TOTAL
+        elif self.maxPerPeer and peer is not None and self.perPeer[peer] >= self.maxPerPeer:
+            reason = REFUSED_PER_PEER
+        else:
+            self.active.add(connection)
+            if peer is not None:
+                self.perPeer[peer] += 1
+            self.opened[key] += 1
+            self.activeBy[key] += 1
+            connection.lastTick = self.tick
+            return None
+        self.refused[(key[0], reason)] += 1
+        return reason
+
+    def release(self, connection: Connection) -> None:
+        """A connection admitted earlier has ended."""
+        self.active.discard(connection)
+        factory = connection.factory
+        self.activeBy[(factory.serviceName, factory.transport.name)] -= 1
+        self.closedBytesIn[factory.serviceName] += connection.bytesIn
+        self.closedBytesOut[factory.serviceName] += connection.bytesOut
+        peer = connection.peerKey
+        if peer is not None:
+            self.perPeer[peer] -= 1
+            if not self.perPeer[peer]:
+                del self.perPeer[peer]
+        if self._drained is not None and not self.active:
+            self._drained.callback(None)
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Refuse new connections, let the open ones finish for up to C{timeout}
+        seconds, then close the rest.  Fires when none is left.
+        """
+        self.draining = True
+        if not self.active:
+            return defer.succeed(None)
+        self.log.info("draining {count} connections for up to {timeout:g} s", count=len(self.active), timeout=timeout)
+        self._drained = defer.Deferred()
+        deadline = self.reactor.callLater(timeout, self._closeAll, timeout)
+
+        def done(result: object) -> object:
+            if deadline.active():
+                deadline.cancel()
+            self.stop()
+            return result
+
+        return self._drained.addBoth(done)
+
+    def _closeAll(self, timeout: float) -> None:
+        left = list(self.active)
+        self.log.info("closing {count} connections still open after {timeout:g} s", count=len(left), timeout=timeout)
+        for connection in left:
+            connection.closeFor(SHUTDOWN, f"still open after the {timeout:g} s drain")
+
+    def bytesIn(self) -> Counter[str]:
+        """Bytes received by service, open connections included."""
+        total = self.closedBytesIn.copy()
+        for c in self.active:
+            total[c.factory.serviceName] += c.bytesIn
+        return total
+
+    def bytesOut(self) -> Counter[str]:
+        """Bytes sent by service, open connections included."""
+        total = self.closedBytesOut.copy()
+        for c in self.active:
+            total[c.factory.serviceName] += c.bytesOut
+        return total
+
+
 class ConnectionFactory(Factory):
     """Wrap every connection of a service factory in a L{Connection}."""
 
@@ -80,11 +247,14 @@ class ConnectionFactory(Factory):
         service: IProtocolFactory,
         transport: TransportInfo,
         *,
+        connections: Connections | None = None,
         handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         reactor: Any = None,
     ) -> None:
         self.service = service
+        self.serviceName = getattr(service, "name", "?")
         self.transport = transport
+        self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
         self.handshakeTimeout = handshakeTimeout
         self._reactor = reactor
 
@@ -113,18 +283,22 @@ class ConnectionFactory(Factory):
 @implementer(IHandshakeListener)
 class Connection(Layer):
     """
-    One connection of a service: counts its bytes, and logs one record when
-    it ends (service, transport, addresses, bytes, duration, why it ended,
-    and the verified client certificate's subject over mutual TLS).
+    One connection of a service: admitted or refused by the limits, counted,
+    closed when idle, and logged as one record when it ends (service,
+    transport, addresses, bytes, duration, why it ended, and the verified
+    client certificate's subject over mutual TLS).
     """
 
     log = Logger(namespace="twistsock.connection")
 
     bytesIn = 0
     bytesOut = 0
+    lastTick = 0
+    peerKey: str | None = None
     why: str | None = None
     detail: str | None = None
     clientSubject: str | None = None
+    _admitted = False
     _handshaken = False
     _deadline: Any = None
 
@@ -134,10 +308,21 @@ class Connection(Layer):
         self.started = time.monotonic()
 
     def makeConnection(self, transport: Any) -> None:
+        # Both addresses now: a closed TCP transport can no longer tell its
+        # own, and behind proxy: the peer is already the real client.
+        self.host = transport.getHost()
+        peer = transport.getPeer()
+        if isinstance(peer, (IPv4Address, IPv6Address)):
+            self.peerKey = host(peer.host)
+        refused = self.factory.connections.admit(self)
+        if refused is not None:
+            Protocol.makeConnection(self, transport)
+            self._ended(LIMIT, refused)
+            transport.abortConnection()
+            return
+        self._admitted = True
         if self.factory.transport.tls:
             self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
-        # A closed TCP transport can no longer tell its own address.
-        self.host = transport.getHost()
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
@@ -153,7 +338,11 @@ class Connection(Layer):
 
     def _handshakeTimedOut(self) -> None:
         self._deadline = None
-        self._ended(HANDSHAKE_TIMEOUT, f"no handshake within {self.factory.handshakeTimeout:g} s")
+        self.closeFor(HANDSHAKE_TIMEOUT, f"no handshake within {self.factory.handshakeTimeout:g} s")
+
+    def closeFor(self, why: str, detail: str) -> None:
+        """Close now, for the given reason (idle, shutdown, a deadline)."""
+        self._ended(why, detail)
         self.transport.abortConnection()
 
     def _ended(self, why: str, detail: str | None = None) -> None:
@@ -165,6 +354,7 @@ class Connection(Layer):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
+        self.lastTick = self.factory.connections.tick
         self.wrapped.dataReceived(data)
 
     def write(self, data: bytes) -> None:
@@ -191,14 +381,18 @@ class Connection(Layer):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if self.factory.transport.tls and not self._handshaken:
+        if self.factory.transport.tls and not self._handshaken and self._admitted:
             self._ended(HANDSHAKE_FAILED, errorText(reason.value) if reason is not None and not reason.check(ConnectionDone) else "closed by the peer")
         elif reason is None or reason.check(ConnectionDone):
             self._ended(PEER_CLOSED)
         else:
             self._ended(ERROR, errorText(reason.value))
+        if self.why in (HANDSHAKE_FAILED, HANDSHAKE_TIMEOUT):
+            self.factory.connections.handshakeFailures[self.factory.serviceName] += 1
         self._record()
-        super().connectionLost(reason)
+        if self._admitted:
+            self.factory.connections.release(self)
+            super().connectionLost(reason)
 
     def _record(self) -> None:
         extra = f" ({self.detail})" if self.detail else ""
@@ -206,7 +400,7 @@ class Connection(Layer):
             extra += f", client certificate {self.clientSubject}"
         self.log.info(
             "{service} {transport} {peer} -> {local}: {reason} after {duration:.3f} s, {bytes_in} bytes in, {bytes_out} bytes out{extra}",
-            service=getattr(self.factory.service, "name", "?"),
+            service=self.factory.serviceName,
             transport=self.factory.transport.name,
             local=describe(self.host),
             peer=describe(self.getPeer()),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -20,7 +21,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._format import describe, errorText, splitEndpoint
-from .connection import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, transportOf, unwrap
+from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
+from .metrics import Tallies, metricsSite, tallies
 from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory
 from .tls import checkSNIDirectory
 from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
@@ -53,12 +55,26 @@ def parseListen(text: str) -> ListenSpec:
     if not endpoint:
         raise ValueError(f"no endpoint in {text!r}")
     wrappers, kind, rest = unwrap(endpoint)
-    try:
-        if kind == "udp":
+    if kind == "udp":
+        try:
             if wrappers:
                 raise ValueError("a PROXY header cannot come before datagrams")
             parseUDP(endpoint)
-            return ListenSpec(service, endpoint)
+        except ValueError as e:
+            raise ValueError(f"bad endpoint {endpoint!r}: {e}") from None
+    else:
+        checkEndpoint(endpoint)
+    return ListenSpec(service, endpoint)
+
+
+def checkEndpoint(endpoint: str) -> None:
+    """
+    Check a stream server endpoint string before anything listens.
+
+    @raise ValueError: it does not parse, or names unreadable files.
+    """
+    _, kind, rest = unwrap(endpoint)
+    try:
         if kind == "tls" and rest:
             checkSNIDirectory(splitEndpoint(rest)[0])
         # Endpoint parsers only record the reactor; parsing with a stand-in
@@ -67,7 +83,6 @@ def parseListen(text: str) -> ListenSpec:
         serverFromString(_ParseOnlyReactor(), endpoint)
     except Exception as e:  # every parser error is a usage error here
         raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from None
-    return ListenSpec(service, endpoint)
 
 
 class _ParseOnlyReactor:
@@ -156,16 +171,24 @@ class ListeningService(Service):
 
 class SocketsService(MultiService):
     """
-    The listening services of one C{twist sockets}.  If any cannot listen,
-    the others are closed, one line goes to standard error, and the process
-    exits with status 1.
+    The listening services of one C{twist sockets}, and what they share: the
+    registry of connections and the metrics.
+
+    Start: if any service cannot listen, the others are closed, one line
+    goes to standard error, and the process exits with status 1.  Stop
+    (SIGTERM, SIGINT): every port stops listening at once, open connections
+    have C{drainTimeout} seconds to finish, then the rest are closed; the
+    metrics endpoint answers until the end (C{/healthz} says C{draining}).
     """
 
     log = Logger()
+    metrics: ListeningService | None = None
 
-    def __init__(self, reactor: object = None) -> None:
+    def __init__(self, reactor: object = None, connections: Connections | None = None, drainTimeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         super().__init__()
         self._reactor = reactor
+        self.connections = connections if connections is not None else Connections(reactor)
+        self.drainTimeout = drainTimeout
 
     @property
     def reactor(self):
@@ -175,17 +198,45 @@ class SocketsService(MultiService):
             self._reactor = reactor
         return self._reactor
 
+    def serveMetrics(self, endpoint: str) -> None:
+        """Serve /metrics and /healthz on a (checked) server endpoint string."""
+        self.metrics = ListeningService(
+            ListenSpec("metrics", endpoint),
+            serverFromString(self.reactor, endpoint),
+            metricsSite(self.tallies, self.healthy),
+            self.fail,
+        )
+        self.metrics.setServiceParent(self)
+
+    def tallies(self) -> Tallies:
+        """Every count the metrics show, for this process."""
+        datagrams = [c.factory for c in self if isinstance(c.factory, DatagramServer)]
+        return tallies(self.connections, datagrams)
+
+    def healthy(self) -> bool:
+        return self.running and not self.connections.draining
+
     def privilegedStartService(self) -> None:
         self._start(super().privilegedStartService)
 
     def startService(self) -> None:
         self._start(super().startService)
+        self.connections.start()
         # The reactor installs its signal handlers as it starts: the first
         # turn of its loop is the first moment a SIGTERM stops us cleanly.
         self.reactor.callWhenRunning(self.reactor.callLater, 0, self._ready)
 
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        ports = [c for c in reversed(list(self)) if c is not self.metrics]
+        stopped = defer.DeferredList([defer.maybeDeferred(c.stopService) for c in ports])
+        stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
+        if self.metrics is not None:
+            stopped.addCallback(lambda _: self.metrics.stopService())
+        return stopped.addCallback(lambda _: None)
+
     def _ready(self) -> None:
-        self.log.info("ready: {count} listening", count=len(list(self)))
+        self.log.info("ready: {count} listening", count=len([c for c in self if c is not self.metrics]))
 
     def _start(self, start: Callable[[], None]) -> None:
         try:
@@ -219,6 +270,7 @@ def listeningService(
     config: ServiceConfig,
     onFailure: Callable[[str], None],
     *,
+    connections: Connections | None = None,
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     datagrams: DatagramPolicy = DatagramPolicy(),
     summaryInterval: float = 60.0,
@@ -235,6 +287,7 @@ def listeningService(
     factory = ConnectionFactory(
         ServiceFactory(spec.service, config),
         transportOf(spec.endpoint),
+        connections=connections,
         handshakeTimeout=handshakeTimeout,
         reactor=reactor,
     )

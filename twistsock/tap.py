@@ -7,8 +7,9 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .listen import ListenSpec, SocketsService, listeningService, parseListen
+from .listen import ListenSpec, SocketsService, checkEndpoint, listeningService, parseListen
 from . import udp
+from . import connection
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
 from .services import DEFAULT_MAX_LINE, ServiceConfig
 
@@ -37,6 +38,11 @@ class Options(usage.Options):
         ["udp-amplification", None, udp.DEFAULT_AMPLIFICATION, "UDP: a reply may be at most this many times its request's size.", float],
         ["udp-blocked-ports", None, "reflecting", "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list."],
         ["udp-summary-interval", None, 60.0, "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).", float],
+        ["max-connections", None, connection.DEFAULT_MAX_CONNECTIONS, "Stream connections served at once, over all ports (0: no limit).", int],
+        ["max-per-peer", None, 0, "Stream connections served at once per client address (0: no limit).", int],
+        ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", float],
+        ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", float],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
     ]
 
     def __init__(self) -> None:
@@ -58,6 +64,13 @@ class Options(usage.Options):
         if self["udp-rate"] < 0 or self["udp-burst"] < 1 or self["udp-amplification"] <= 0 or self["udp-summary-interval"] < 0:
             raise usage.UsageError("--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0")
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
+        if self["max-connections"] < 0 or self["max-per-peer"] < 0 or self["idle-timeout"] < 0 or self["drain-timeout"] < 0:
+            raise usage.UsageError("--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more")
+        if self["metrics"] is not None:
+            try:
+                checkEndpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
         if not self["listen"]:
             self.opt_listen(DEFAULT_LISTEN)
 
@@ -71,16 +84,24 @@ def makeService(options: Options) -> IService:
         amplification=options["udp-amplification"],
         blockedPorts=options["udp-blocked-ports"],
     )
-    root = SocketsService()
+    connections = connection.Connections(
+        maxConnections=options["max-connections"],
+        maxPerPeer=options["max-per-peer"],
+        idleTimeout=options["idle-timeout"],
+    )
+    root = SocketsService(connections=connections, drainTimeout=options["drain-timeout"])
     for spec in options["listen"]:
         listeningService(
             spec,
             config,
             root.fail,
+            connections=connections,
             handshakeTimeout=options["tls-handshake-timeout"],
             datagrams=datagrams,
             summaryInterval=options["udp-summary-interval"],
         ).setServiceParent(root)
+    if options["metrics"] is not None:
+        root.serveMetrics(options["metrics"])
     return root
 
 

@@ -74,6 +74,11 @@ DEFAULT_BURST = 200
 DEFAULT_AMPLIFICATION = 1.0
 #: How many sources the rate limiter remembers at once; beyond, the oldest is forgotten.
 MAX_SOURCES = 65536
+#: How many sources a summary names, busiest first; the rest are added up in one line.
+SUMMARY_SOURCES = 20
+#: How many sources are counted apart between two summaries; beyond, they count as "other".
+COUNTED_SOURCES = 1000
+OTHER_SOURCES = "other sources"
 
 # Outcomes, as counted.
 ANSWERED = "answered"
@@ -161,6 +166,8 @@ class DatagramServer:
 
     def __post_init__(self) -> None:
         self.buckets = TokenBuckets(self.policy.rate, self.policy.burst, self.clock)
+        #: Outcomes by source address since the last summary (see L{takeSummary}).
+        self.bySource: dict[str, Counter] = {}
 
     def handle(self, data: bytes, sourceHost: str, sourcePort: int, truncated: bool = False) -> bytes | None:
         """
@@ -168,26 +175,46 @@ class DatagramServer:
         outcome, except a reply: the sender counts it with L{sent}.
         """
         if truncated:
-            return self._count(TRUNCATED)
+            return self._count(TRUNCATED, sourceHost)
         if sourcePort in self.policy.blockedPorts:
-            return self._count(BLOCKED_PORT)
+            return self._count(BLOCKED_PORT, sourceHost)
         if not self.buckets.allow(sourceHost):
-            return self._count(RATE_LIMITED)
+            return self._count(RATE_LIMITED, sourceHost)
         peer = f"[{sourceHost}]:{sourcePort}" if ":" in sourceHost else f"{sourceHost}:{sourcePort}"
         reply = self.service(data, peer)
         if reply is None:
-            return self._count(NO_REPLY)
+            return self._count(NO_REPLY, sourceHost)
         if len(reply) > len(data) * self.policy.amplification:
-            return self._count(AMPLIFICATION)
+            return self._count(AMPLIFICATION, sourceHost)
         return reply
 
-    def sent(self, ok: bool) -> None:
+    def sent(self, ok: bool, sourceHost: str) -> None:
         """Count a reply as sent, or as failed (the socket's buffer was full)."""
-        self.counts[ANSWERED if ok else SEND_FAILED] += 1
+        self._count(ANSWERED if ok else SEND_FAILED, sourceHost)
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, source: str) -> None:
         self.counts[outcome] += 1
+        counts = self.bySource.get(source)
+        if counts is None:
+            if len(self.bySource) >= COUNTED_SOURCES:
+                source = OTHER_SOURCES
+            counts = self.bySource.setdefault(source, Counter())
+        counts[outcome] += 1
         return None
+
+    def takeSummary(self) -> list[tuple[str, Counter]]:
+        """
+        The outcomes by source since the last call, busiest first: at most
+        L{SUMMARY_SOURCES} sources by name, the rest added up as C{other sources}.
+        """
+        bySource, self.bySource = self.bySource, {}
+        ranked = sorted(bySource.items(), key=lambda item: (item[0] == OTHER_SOURCES, -sum(item[1].values()), item[0]))
+        named = [item for item in ranked if item[0] != OTHER_SOURCES][:SUMMARY_SOURCES]
+        rest = Counter()
+        for source, counts in ranked:
+            if (source, counts) not in named:
+                rest += counts
+        return named + ([(OTHER_SOURCES, rest)] if rest else [])
 
 
 @implementer(IListeningPort, IReadDescriptor)
@@ -209,7 +236,6 @@ class DatagramPort:
         self.summaryInterval = summaryInterval
         self.socket: socket.socket | None = None
         self._summary: LoopingCall | None = None
-        self._reported: Counter = Counter()
 
     # -- IListeningPort --
 
@@ -249,17 +275,17 @@ class DatagramPort:
         return defer.succeed(None)
 
     def summarize(self) -> None:
-        """Log what happened to the datagrams since the last summary, if anything did."""
-        counts = self.server.counts - self._reported
-        if counts:
-            self._reported = self.server.counts.copy()
+        """Log what happened to the datagrams since the last summary, a line per source."""
+        for source, counts in self.server.takeSummary():
             self.log.info(
-                "{service} udp {address}: {summary}",
+                "{service} udp {address} from {source}: {summary}",
                 service=self.server.name,
+                transport="udp",
                 address=self.address,
+                source=source,
                 summary=describeCounts(counts),
                 counts=dict(counts),
-                sources=len(self.server.buckets),
+                interval=self.summaryInterval,
             )
 
     def getHost(self) -> IPv4Address | IPv6Address:
@@ -293,19 +319,20 @@ class DatagramPort:
                     continue
                 raise
             truncated = bool(flags & socket.MSG_TRUNC) or len(data) > MAX_DATAGRAM
-            reply = self.server.handle(data, host(source[0]), source[1], truncated)
+            sourceHost = host(source[0])
+            reply = self.server.handle(data, sourceHost, source[1], truncated)
             if reply is not None:
-                self._send(reply, ancdata, source)
+                self._send(reply, ancdata, source, sourceHost)
 
-    def _send(self, reply: bytes, ancdata: list, destination: tuple) -> None:
+    def _send(self, reply: bytes, ancdata: list, destination: tuple, sourceHost: str) -> None:
         """Send from the address the request arrived on."""
         try:
             self.socket.sendmsg([reply], _replyFrom(ancdata), 0, destination)
         except OSError as e:
-            self.server.sent(False)
+            self.server.sent(False, sourceHost)
             self.log.debug("reply to {peer} not sent: {why}", peer=destination, why=e.strerror)
         else:
-            self.server.sent(True)
+            self.server.sent(True, sourceHost)
 
 
 def _replyFrom(ancdata: list) -> list:
