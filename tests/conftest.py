@@ -121,12 +121,10 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None, json: bool = False) -> Server:
-    """Start `twist sockets ARGS` and wait until every --listen is listening."""
-    if json:
-        command = (TWIST, "--log-format=json")
+def spawn(argv: list[str], *, cwd: Path | None = None, json: bool = False) -> Server:
+    """Start a server process and collect its output; it is not waited for."""
     process = subprocess.Popen(
-        [*command, "sockets", *args],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -137,6 +135,14 @@ def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=tex
     server = Server(process, json=json)
     server._reader = threading.Thread(target=server._read, daemon=True)
     server._reader.start()
+    return server
+
+
+def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None, json: bool = False) -> Server:
+    """Start `twist sockets ARGS` and wait until every --listen is listening."""
+    if json:
+        command = (TWIST, "--log-format=json")
+    server = spawn([*command, "sockets", *args], cwd=cwd, json=json)
     expected = max(1, sum(1 for a in args if a == "--listen" or a.startswith("--listen=")))
     try:
         server.waitFor(r"listening on ", count=expected)

@@ -8,6 +8,7 @@ service is C{echo}.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -82,7 +83,10 @@ def checkEndpoint(endpoint: str) -> None:
         # is installed, so `twist --reactor=...` still works.
         serverFromString(_ParseOnlyReactor(), endpoint)
     except Exception as e:  # every parser error is a usage error here
-        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from None
+        hint = ""
+        if kind == "systemd" and "LISTEN_FDNAMES" not in os.environ:
+            hint = " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
+        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
 
 
 class _ParseOnlyReactor:
