@@ -146,7 +146,7 @@ def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=tex
     expected = max(1, sum(1 for a in args if a == "--listen" or a.startswith("--listen=")))
     try:
         server.waitFor(r"listening on ", count=expected)
-        server.waitFor(r"\] ready: \d+ listening$")
+        server.waitFor(r"\] ready: \d+ listening")
     except BaseException:
         server.stop()
         raise

@@ -250,8 +250,10 @@ class ConnectionFactory(Factory):
         connections: Connections | None = None,
         handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         reactor: Any = None,
+        worker: int | None = None,
     ) -> None:
         self.service = service
+        self.worker = worker
         self.serviceName = getattr(service, "name", "?")
         self.transport = transport
         self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
@@ -398,6 +400,8 @@ class Connection(Layer):
         extra = f" ({self.detail})" if self.detail else ""
         if self.clientSubject:
             extra += f", client certificate {self.clientSubject}"
+        if self.factory.worker is not None:
+            extra += f", worker {self.factory.worker}"
         self.log.info(
             "{service} {transport} {peer} -> {local}: {reason} after {duration:.3f} s, {bytes_in} bytes in, {bytes_out} bytes out{extra}",
             service=self.factory.serviceName,
@@ -410,5 +414,6 @@ class Connection(Layer):
             bytes_in=self.bytesIn,
             bytes_out=self.bytesOut,
             tls_client_subject=self.clientSubject,
+            worker=self.factory.worker,
             extra=extra,
         )

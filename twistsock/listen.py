@@ -9,7 +9,9 @@ service is C{echo}.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,6 +70,11 @@ def parseListen(text: str) -> ListenSpec:
     return ListenSpec(service, endpoint)
 
 
+def isUDP(spec: ListenSpec) -> bool:
+    """Whether a --listen is a datagram one."""
+    return unwrap(spec.endpoint)[1] == "udp"
+
+
 def checkEndpoint(endpoint: str) -> None:
     """
     Check a stream server endpoint string before anything listens.
@@ -120,8 +127,10 @@ class ListeningService(Service):
         endpoint: IStreamServerEndpoint,
         factory: IProtocolFactory,
         onFailure: Callable[[str], None],
+        worker: int | None = None,
     ) -> None:
         self.spec = spec
+        self.worker = worker
         self.endpoint = endpoint
         self.factory = factory
         self.onFailure = onFailure
@@ -137,10 +146,11 @@ class ListeningService(Service):
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
             self.log.info(
-                "{service} listening on {address} ({endpoint})",
+                "{service} listening on {address} ({endpoint})" if self.worker is None else "{service} served by worker {worker} on {address} ({endpoint})",
                 service=self.spec.service,
                 address=describe(port.getHost()),
                 endpoint=self.spec.endpoint,
+                worker=self.worker,
             )
             return port
 
@@ -240,6 +250,7 @@ class SocketsService(MultiService):
         return stopped.addCallback(lambda _: None)
 
     def _ready(self) -> None:
+        firstSignalOnly()
         self.log.info("ready: {count} listening", count=len([c for c in self if c is not self.metrics]))
 
     def _start(self, start: Callable[[], None]) -> None:
@@ -260,6 +271,34 @@ class SocketsService(MultiService):
         self.reactor.stop()
 
 
+def firstSignalOnly() -> None:
+    """
+    Let only the first SIGTERM or SIGINT reach the reactor's handlers.  A
+    later SIGTERM is ignored: systemd sends one to every process of a unit
+    as the master sends its own to the workers, and Twisted logs a traceback
+    for a second reactor.stop().  A later SIGINT (a second Ctrl-C) ends the
+    process at once, as the user means.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    first = []
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def once(number: int, frame: object) -> None:
+        if not first:
+            first.append(number)
+            handler = handlers[number]
+            if callable(handler):
+                handler(number, frame)
+        elif number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    for number, handler in handlers.items():
+        if callable(handler):
+            signal.signal(number, once)
+
+
 def _exitNow(status: int) -> None:
     """End the process with C{status} once the reactor has shut down."""
     import os
@@ -278,21 +317,30 @@ def listeningService(
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     datagrams: DatagramPolicy = DatagramPolicy(),
     summaryInterval: float = 60.0,
+    reactor: object = None,
+    worker: int | None = None,
 ) -> ListeningService:
-    """Build the service that listens for C{spec} with the running reactor."""
-    from twisted.internet import reactor
+    """
+    Build the service that listens for C{spec}: with the running reactor, or
+    with C{reactor} standing in for it to parse the endpoint (a worker's
+    adopting reactor).
+    """
+    from twisted.internet import reactor as running
 
-    if unwrap(spec.endpoint)[1] == "udp":
+    endpointReactor = reactor if reactor is not None else running
+    reactor = running
+    if isUDP(spec):
         port, interface = parseUDP(spec.endpoint)
         endpoint = DatagramEndpoint(reactor, port, interface or defaultInterface(), summaryInterval)
         server = DatagramServer(spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds)
         return ListeningService(spec, endpoint, server, onFailure)
-    endpoint = serverFromString(reactor, spec.endpoint)
+    endpoint = serverFromString(endpointReactor, spec.endpoint)
     factory = ConnectionFactory(
         ServiceFactory(spec.service, config),
         transportOf(spec.endpoint),
         connections=connections,
         handshakeTimeout=handshakeTimeout,
         reactor=reactor,
+        worker=worker,
     )
-    return ListeningService(spec, endpoint, factory, onFailure)
+    return ListeningService(spec, endpoint, factory, onFailure, worker)

@@ -4,12 +4,13 @@ C{twist sockets}: options in, a tree of listening services out.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .listen import ListenSpec, SocketsService, checkEndpoint, listeningService, parseListen
-from . import udp
-from . import connection
+from . import connection, udp, workers
+from .listen import ListenSpec, SocketsService, checkEndpoint, isUDP, listeningService, parseListen
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
 from .services import DEFAULT_MAX_LINE, ServiceConfig
 
@@ -43,11 +44,19 @@ class Options(usage.Options):
         ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", float],
         ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", float],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
+        ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", int],
+        ["worker", None, None, "(internal) run as worker INDEX:FD/FAMILY,...:REPORTFD of a --workers master."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"]: list[ListenSpec] = []
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept to start workers with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, text: str) -> None:
         """[SERVICE@]ENDPOINT to serve; repeatable."""
@@ -64,6 +73,13 @@ class Options(usage.Options):
         if self["udp-rate"] < 0 or self["udp-burst"] < 1 or self["udp-amplification"] <= 0 or self["udp-summary-interval"] < 0:
             raise usage.UsageError("--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0")
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
+        if self["workers"] < 0:
+            raise usage.UsageError("--workers must be 0 or more")
+        if self["worker"] is not None:
+            try:
+                self["worker"] = workers.parseWorker(self["worker"])
+            except ValueError:
+                raise usage.UsageError("--worker is for the master's use") from None
         if self["max-connections"] < 0 or self["max-per-peer"] < 0 or self["idle-timeout"] < 0 or self["drain-timeout"] < 0:
             raise usage.UsageError("--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more")
         if self["metrics"] is not None:
@@ -76,7 +92,12 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """One child service per C{--listen}, under a L{SocketsService}."""
+    """
+    One child service per C{--listen}, under a L{SocketsService}; with
+    C{--workers}, a master that holds the stream sockets for its workers.
+    """
+    from twisted.internet import reactor
+
     config = ServiceConfig(maxLine=options["max-line"], keepOpen=bool(options["keep-open"]))
     datagrams = udp.DatagramPolicy(
         rate=options["udp-rate"],
@@ -89,8 +110,28 @@ def makeService(options: Options) -> IService:
         maxPerPeer=options["max-per-peer"],
         idleTimeout=options["idle-timeout"],
     )
-    root = SocketsService(connections=connections, drainTimeout=options["drain-timeout"])
+    shared = dict(connections=connections, drainTimeout=options["drain-timeout"])
+    worker = options["worker"]
+    if worker is not None:
+        index, held, report = worker
+        root = workers.WorkerService(index, report, **shared)
+    elif options["workers"]:
+        root = workers.MasterService(options["workers"], workers.workerArgv(options.argv), **shared)
+    else:
+        root = SocketsService(**shared)
+
+    streams = [spec for spec in options["listen"] if not isUDP(spec)]
     for spec in options["listen"]:
+        if worker is not None and isUDP(spec):
+            continue  # the master serves UDP
+        if options["workers"] and worker is None and not isUDP(spec):
+            held = listeningService(spec, config, root.fail)
+            workers.HeldPort(spec, held.endpoint, held.factory, root.fail).setServiceParent(root)
+            continue
+        adopt = None
+        if worker is not None:
+            fd, family = worker[1][streams.index(spec)]
+            adopt = workers.AdoptingReactor(reactor, fd, family)
         listeningService(
             spec,
             config,
@@ -99,8 +140,10 @@ def makeService(options: Options) -> IService:
             handshakeTimeout=options["tls-handshake-timeout"],
             datagrams=datagrams,
             summaryInterval=options["udp-summary-interval"],
+            reactor=adopt,
+            worker=worker[0] if worker is not None else None,
         ).setServiceParent(root)
-    if options["metrics"] is not None:
+    if options["metrics"] is not None and worker is None:
         root.serveMetrics(options["metrics"])
     return root
 

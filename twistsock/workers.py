@@ -1,0 +1,294 @@
+"""
+C{--workers N}: seed 002's concurrent server, the Twisted way.
+
+The master listens on every stream endpoint as usual, but never accepts on
+those sockets: it hands them to N worker processes, each a C{twist sockets}
+that adopts them (C{reactor.adoptStreamPort}) and serves, so that all the
+machine's cores serve and the kernel spreads the connections.  The master
+restarts a worker that dies, and on SIGTERM has every worker drain before it
+exits.
+
+Adopting works for every stream endpoint, TLS and PROXY included: the worker
+parses the same endpoint string with a reactor whose C{listenTCP},
+C{listenSSL} and C{listenUNIX} adopt the inherited socket instead of binding
+a new one.
+
+UDP is served by the master alone, so that the per-source rate limit and the
+counts stay exact (a datagram socket shared by N processes would let each
+source through N times over).  The master also serves C{--metrics}, adding up
+the tallies each worker sends it every second over a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .listen import ListeningService, SocketsService, firstSignalOnly
+from .metrics import Tallies, add
+
+#: The first file descriptor a worker's inherited sockets take.
+FIRST_FD = 3
+#: Seconds between a worker's tally reports.
+REPORT_INTERVAL = 1.0
+#: The longest wait before restarting a worker that keeps dying.
+MAX_BACKOFF = 30.0
+
+
+class AdoptingReactor:
+    """A reactor whose listen calls adopt one inherited listening socket."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self._reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        return self._reactor.adoptStreamPort(self.fd, self.family, TLSMemoryBIOFactory(contextFactory, False, factory))
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+
+    def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+
+
+def familyOf(address: object) -> int:
+    """The socket family of a listening port's address."""
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    raise ValueError(f"cannot hand {address} to workers")
+
+
+class HeldPort(ListeningService):
+    """Listen, then stop reading at once: the socket is only held for the workers."""
+
+    def privilegedStartService(self) -> None:
+        starting = self._listening is None
+        super().privilegedStartService()
+        if starting and self._listening is not None:
+            self._listening.addCallback(self._hold)
+
+    def _hold(self, port: Any) -> Any:
+        if port is not None:
+            port.stopReading()
+        return port
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process, as the master sees it: exits, and tally reports."""
+
+    def __init__(self, master: MasterService, index: int) -> None:
+        self.master = master
+        self.index = index
+        self.tallies: Tallies = {}
+        self._buffer = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line:
+                self.tallies = json.loads(line)
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+        self.master.workerEnded(self, reason.value)
+
+
+class MasterService(SocketsService):
+    """
+    The master of C{--workers N}: holds the stream sockets, serves UDP and
+    the metrics itself, and keeps N workers running.
+    """
+
+    log = Logger()
+
+    def __init__(self, workers: int, workerArgv: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.count = workers
+        self.workerArgv = workerArgv
+        self.workers: dict[int, _Worker] = {}
+        self.processes: dict[int, Any] = {}
+        #: The last tallies of workers that have ended (counters only keep counting).
+        self.retired: Tallies = {}
+        self._backoff: dict[int, float] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+
+    def _ready(self) -> None:
+        firstSignalOnly()
+        self.log.info("ready: {count} listening, {workers} workers", count=len([c for c in self if c is not self.metrics]), workers=self.count)
+
+    def heldSockets(self) -> list[tuple[int, int]]:
+        """The (fd, family) of every held stream socket, in --listen order."""
+        held = []
+        for child in self:
+            if isinstance(child, HeldPort) and child.port is not None:
+                held.append((child.port.fileno(), familyOf(child.port.getHost())))
+        return held
+
+    def _spawn(self, index: int) -> None:
+        held = self.heldSockets()
+        report = FIRST_FD + len(held)
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, report: "r"}
+        for offset, (fd, _) in enumerate(held):
+            childFDs[FIRST_FD + offset] = fd
+        sockets = ",".join(f"{FIRST_FD + offset}/{family}" for offset, (_, family) in enumerate(held))
+        argv = [*self.workerArgv, "--worker", f"{index}:{sockets}:{report}"]
+        worker = _Worker(self, index)
+        self.workers[index] = worker
+        process = self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ.copy(), childFDs=childFDs)
+        self.processes[index] = process
+        worker.started = self.reactor.seconds()
+        worker.pid = process.pid
+        self.log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def workerEnded(self, worker: _Worker, status: Any) -> None:
+        self.retired = add(self.retired, {k: v for k, v in worker.tallies.items() if k != "connections_active"})
+        self.log.info("worker {index} (pid {pid}) ended: {status}", index=worker.index, pid=worker.pid, status=_status(status))
+        if self._stopping or not self.running:
+            return
+        # A worker that died young waits longer each time, up to MAX_BACKOFF.
+        lived = self.reactor.seconds() - worker.started
+        backoff = 1.0 if lived > MAX_BACKOFF else min(MAX_BACKOFF, self._backoff.get(worker.index, 0.5) * 2)
+        self._backoff[worker.index] = backoff
+        self.log.info("restarting worker {index} in {backoff:g} s", index=worker.index, backoff=backoff)
+        self.reactor.callLater(backoff, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and not self._stopping:
+            self._spawn(index)
+
+    def tallies(self) -> Tallies:
+        total = add(super().tallies(), self.retired)
+        for worker in self.workers.values():
+            if not worker.ended.called:
+                total = add(total, worker.tallies)
+        return total
+
+    def healthy(self) -> bool:
+        return super().healthy() and not self._stopping
+
+    def stopService(self) -> defer.Deferred[None]:
+        """SIGTERM every worker and wait while they drain; then stop as a single process does."""
+        self._stopping = True
+        ends = []
+        for index, worker in self.workers.items():
+            if not worker.ended.called:
+                self._signal(index, signal.SIGTERM)
+                ends.append(worker.ended)
+        if ends:
+            self.log.info("waiting for {count} workers to drain", count=len(ends))
+        # A worker that outlives its own drain deadline by 5 s is killed.
+        killer = self.reactor.callLater(self.drainTimeout + 5, self._killAll)
+        waited = defer.DeferredList(ends)
+
+        def stopped(_: object) -> defer.Deferred[None]:
+            if killer.active():
+                killer.cancel()
+            return super(MasterService, self).stopService()
+
+        return waited.addCallback(stopped)
+
+    def _signal(self, index: int, number: int) -> None:
+        try:
+            self.processes[index].signalProcess(number)
+        except Exception:  # ProcessExitedAlready: it is gone already
+            pass
+
+    def _killAll(self) -> None:
+        for index, worker in self.workers.items():
+            if not worker.ended.called:
+                self.log.info("worker {index} still running after the drain: killing it", index=index)
+                self._signal(index, signal.SIGKILL)
+
+
+def _status(ended: Any) -> str:
+    """How a process ended, in words: C{exit status 1}, C{signal 9 (SIGKILL)}."""
+    number = getattr(ended, "signal", None)
+    if number:
+        return f"signal {number} ({signal.Signals(number).name})"
+    return f"exit status {getattr(ended, 'exitCode', 0) or 0}"
+
+
+def workerArgv(pluginArgv: list[str]) -> list[str]:
+    """
+    The command line of a worker: this process's own `twist` options, then
+    `sockets` and its options (the worker ignores --workers, --metrics and UDP).
+    """
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    twistOptions = sys.argv[1 : sys.argv.index("sockets")] if program == "twist" and "sockets" in sys.argv else ["--log-format=text"]
+    return [sys.executable, "-m", "twisted", *twistOptions, "sockets", *pluginArgv]
+
+
+def parseWorker(text: str) -> tuple[int, list[tuple[int, int]], int]:
+    """C{INDEX:FD/FAMILY,...:REPORTFD} (what the master passes as --worker)."""
+    index, sockets, report = text.split(":")
+    held = [tuple(int(x) for x in item.split("/")) for item in sockets.split(",") if item]
+    return int(index), held, int(report)
+
+
+class WorkerService(SocketsService):
+    """
+    A worker: serves the adopted sockets like a single process would, and
+    sends its tallies to the master every second and at the end.  If the
+    master is gone, it stops.
+    """
+
+    log = Logger()
+
+    def __init__(self, index: int, reportFd: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.index = index
+        self.reportFd = reportFd
+        self._reporter: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        super().startService()
+        self._reporter = LoopingCall(self.report)
+        self._reporter.clock = self.reactor
+        self._reporter.start(REPORT_INTERVAL, now=False)
+
+    def _ready(self) -> None:
+        firstSignalOnly()
+        self.log.info("worker {index} (pid {pid}) ready: {count} sockets", index=self.index, pid=os.getpid(), count=len(list(self)))
+
+    def report(self) -> None:
+        try:
+            os.write(self.reportFd, json.dumps(self.tallies()).encode() + b"\n")
+        except OSError:
+            if self.running:
+                self.log.info("worker {index}: the master is gone; stopping", index=self.index)
+                self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._reporter is not None and self._reporter.running:
+            self._reporter.stop()
+        return super().stopService().addCallback(lambda _: self.report())
