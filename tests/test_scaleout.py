@@ -1,0 +1,55 @@
+"""
+Beyond one machine: HAProxy in front of two twistsock instances with the
+PROXY protocol. One instance is killed during a run of clients: the clients
+go on being served by the other, and both logs carry the real client address.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+
+from conftest import WAIT, freePort, requireTool, startServer, twistsock
+from test_haproxy import waitForPort
+
+CLIENT = "127.0.0.5"
+
+
+def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
+    haproxy = requireTool("haproxy")
+    a = startServer("--listen", "echo@proxy:tcp:0:interface=127.0.0.1")
+    b = startServer("--listen", "echo@proxy:tcp:0:interface=127.0.0.1")
+    front = freePort()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "    retries 3\n    option redispatch\n"
+        f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend be\n"
+        "backend be\n    balance roundrobin\n"
+        f"    server a 127.0.0.1:{a.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
+        f"    server b 127.0.0.1:{b.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
+    )
+    proxy = subprocess.Popen([haproxy, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = []
+    try:
+        waitForPort(front, proxy)
+        for i in range(60):
+            if i == 20:
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait(WAIT)
+            result = twistsock("echo", f"tcp:127.0.0.1:{front}:bindAddress={CLIENT}", f"client {i}")
+            results.append((i, result.returncode, result.stderr))
+    finally:
+        proxy.terminate()
+        proxy.wait(WAIT)
+        proxy.stdout.close()
+        a.stop()
+        b.stop()
+    assert [r for r in results if r[1] != 0] == []
+    record = r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: peer closed" % front
+    servedByA = [line for line in a.lines if re.search(record, line)]
+    servedByB = [line for line in b.lines if re.search(record, line)]
+    assert 5 <= len(servedByA) <= 20, "roundrobin sent A about half of the first 20"
+    assert len(servedByA) + len(servedByB) == 60
+    assert len(servedByB) >= 40, "after the kill, B served everyone"
