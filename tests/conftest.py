@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -187,6 +188,42 @@ def short_tmp(tmp_path_factory) -> Path:
     path = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def echoWhileSignalled(server, port: int, size: int, signalAfter: int = 1 << 20, waitFor: str | None = None) -> bytes:
+    """
+    Echo `size` random bytes through 127.0.0.1:port, sending SIGTERM to the
+    server once `signalAfter` bytes have come back; then half-close and read
+    the rest. Returns the data sent and checks it all came back.
+    """
+    import os as _os
+
+    data = _os.urandom(size)
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    received = bytearray()
+    signalled = threading.Event()
+
+    def read() -> None:
+        while chunk := s.recv(65536):
+            received.extend(chunk)
+            if len(received) > signalAfter and not signalled.is_set():
+                signalled.set()
+                server.process.send_signal(signal.SIGTERM)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(0, len(data), 65536):
+            s.sendall(data[i : i + 65536])
+        assert signalled.wait(WAIT)
+        if waitFor:
+            server.waitFor(waitFor)
+        s.shutdown(socket.SHUT_WR)
+        reader.join(WAIT)
+    finally:
+        s.close()
+    assert len(received) == len(data) and bytes(received) == data
+    return data
 
 
 def requireTool(name: str) -> str:

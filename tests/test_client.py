@@ -7,7 +7,6 @@ import pytest_twisted
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer

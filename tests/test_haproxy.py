@@ -7,7 +7,6 @@ peer can be told from HAProxy's own address.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import threading

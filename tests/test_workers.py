@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import threading
 
-from conftest import WAIT, freePort, startServer, twistsock
+from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
 from test_operations import metric, scrape
 from twistsock import certs
 
@@ -106,30 +105,7 @@ def test_metrics_add_up_over_workers_and_udp_stays_in_the_master():
 
 def test_sigterm_drains_every_worker_without_losing_bytes():
     server = start("--drain-timeout", "20", "--listen", "tcp:0:interface=127.0.0.1")
-    data = os.urandom(8 << 20)
-    s = socket.create_connection(("127.0.0.1", server.service("echo").port), timeout=WAIT)
-    received = bytearray()
-    signalled = threading.Event()
-
-    def read():
-        while chunk := s.recv(65536):
-            received.extend(chunk)
-            if len(received) > (1 << 20) and not signalled.is_set():
-                signalled.set()
-                server.process.send_signal(signal.SIGTERM)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        for i in range(0, len(data), 65536):
-            s.sendall(data[i : i + 65536])
-        assert signalled.wait(WAIT)
-        server.waitFor(r"waiting for 2 workers to drain")
-        s.shutdown(socket.SHUT_WR)
-        reader.join(WAIT)
-    finally:
-        s.close()
-    assert bytes(received) == data
+    echoWhileSignalled(server, server.service("echo").port, 8 << 20, waitFor=r"waiting for 2 workers to drain")
     assert server.process.wait(WAIT) == -signal.SIGTERM
     server.stop()
     assert len([line for line in server.lines if re.search(r"worker \d \(pid \d+\) ended: signal 15", line)]) == 2
