@@ -258,15 +258,11 @@ class ConnectionFactory(Factory):
         self.transport = transport
         self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
         self.handshakeTimeout = handshakeTimeout
-        self._reactor = reactor
 
     @property
     def reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
+        """The registry's reactor: one clock for deadlines and sweeps."""
+        return self.connections.reactor
 
     def doStart(self) -> None:
         self.service.doStart()

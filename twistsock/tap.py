@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 
 from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
 from twisted.python import usage
 
 from . import connection, udp, workers
@@ -125,8 +127,11 @@ def makeService(options: Options) -> IService:
         if worker is not None and isUDP(spec):
             continue  # the master serves UDP
         if options["workers"] and worker is None and not isUDP(spec):
-            held = listeningService(spec, config, root.fail)
-            workers.HeldPort(spec, held.endpoint, held.factory, root.fail).setServiceParent(root)
+            # The master only holds the socket: it never accepts, so any factory does.
+            endpoint = serverFromString(reactor, spec.endpoint)
+            unused = Factory()
+            unused.noisy = False
+            workers.HeldPort(spec, endpoint, unused, root.fail).setServiceParent(root)
             continue
         adopt = None
         if worker is not None:
