@@ -34,11 +34,15 @@ def listenArgs(transport: str, tmp) -> list[str]:
     return args
 
 
-@pytest.fixture(params=["tcp", "tcp6", "unix"])
+@pytest.fixture(
+    params=[("tcp", "default"), ("tcp6", "default"), ("unix", "default"), ("tcp", "twistsock"), ("unix", "twistsock")],
+    ids=lambda p: "-".join(p),
+)
 def server(request, short_tmp):
-    """One `twist sockets` serving all four services on one kind of transport."""
-    server = startServer(*listenArgs(request.param, short_tmp))
-    server.transport = request.param
+    """One `twist sockets` serving all four services on one kind of transport, on Twisted's reactor and on twistsock's."""
+    transport, reactor = request.param
+    server = startServer(*listenArgs(transport, short_tmp), command=(TWIST, f"--reactor={reactor}", "--log-format=text"))
+    server.transport = transport
     yield server
     assert server.stop() == -15 or server.process.returncode in (0, 143), server.lines
     assert "Traceback" not in "\n".join(server.lines)

@@ -8,6 +8,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from ._direct import directWrite
+
 
 @implementer(IHalfCloseableProtocol)
 class Layer(Protocol):
@@ -24,6 +26,7 @@ class Layer(Protocol):
     # -- events from the transport below --
 
     def makeConnection(self, transport: Any) -> None:
+        self._write = directWrite(transport)
         Protocol.makeConnection(self, transport)
         self.wrapped.makeConnection(self)
 
@@ -46,7 +49,7 @@ class Layer(Protocol):
     # -- the transport, as the protocol above sees it --
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.transport.writeSequence(data)
@@ -82,7 +85,7 @@ class Layer(Protocol):
     def __getattr__(self, name: str) -> Any:
         # The rest of the transport (loseWriteConnection, getHandle,
         # getPeerCertificate, disconnecting, ...) is the real one's.
-        if name.startswith("__") or name in ("transport", "wrapped"):
+        if name.startswith("__") or name in ("transport", "wrapped", "_write"):
             raise AttributeError(name)
         return getattr(self.transport, name)
 

@@ -357,7 +357,7 @@ class Connection(Layer):
 
     def write(self, data: bytes) -> None:
         self.bytesOut += len(data)
-        self.transport.write(data)
+        self._write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.bytesOut += sum(map(len, data))

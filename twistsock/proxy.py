@@ -37,6 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._format import describe, printable
+from ._direct import directWrite
 from ._layer import Layer
 
 V1_PREFIX = b"PROXY "
@@ -137,6 +138,7 @@ class ProxyHeaderProtocol(Layer):
 
     def makeConnection(self, transport: Any) -> None:
         # The protocol above starts once the header says who the client is.
+        self._write = directWrite(transport)
         Protocol.makeConnection(self, transport)
 
     def dataReceived(self, data: bytes) -> None:

@@ -1,0 +1,73 @@
+"""
+Send at once when nothing waits to be sent.
+
+Twisted's C{transport.write} only buffers: it registers the socket for
+writability and sends on the next pass of the reactor, which costs two
+C{epoll_ctl} calls and one reactor pass per reply (Twisted issue 5303).  When
+the transport's buffer is empty, sending straight away gives the same bytes in
+the same order; whatever the kernel does not take goes to C{transport.write},
+and from then on every write does until Twisted has sent it all.  Producers,
+backpressure, closing and errors stay Twisted's: the fast path only ever
+applies to a transport with nothing buffered, which Twisted's own
+C{doWrite} would have sent the same way.
+
+It reads attributes of Twisted's socket transports (C{dataBuffer},
+C{offset}, C{_tempDataLen}, C{_writeDisconnecting}, C{socket}, ...);
+L{directWrite} checks that they are there and that C{write} is still
+Twisted's buffering one, and falls back to plain C{transport.write}
+otherwise, so a Twisted that changes them is slower, not wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import abstract, tcp
+
+_ATTRIBUTES = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "_writeDisconnected", "disconnecting", "connected", "TLS")
+# Classes whose write is Twisted's buffering one, unchanged.
+_PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
+
+
+def directWrite(transport: Any) -> Callable[[bytes], None]:
+    """The fastest correct C{write} for C{transport}: a direct one for Twisted's socket transports, else its own."""
+    if not _capable(transport):
+        return transport.write
+    plain = transport.write
+    send = transport.socket.send
+
+    def write(data: bytes) -> None:
+        t = transport
+        if (
+            t._tempDataLen
+            or t.offset != len(t.dataBuffer)
+            or not t.connected
+            or t.disconnecting
+            or t._writeDisconnecting
+            or t.TLS
+            or data.__class__ is not bytes
+            or not data
+        ):
+            plain(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            # Would block, interrupted, or an error: Twisted buffers it all,
+            # and its doWrite retries, or meets the error and closes the
+            # connection as it would have.
+            sent = 0
+        if sent != len(data):
+            plain(data[sent:] if sent else data)
+
+    return write
+
+
+def _capable(transport: Any) -> bool:
+    if not isinstance(transport, abstract.FileDescriptor):
+        return False
+    if getattr(transport.write, "__func__", None) not in _PLAIN_WRITES:
+        return False
+    if not isinstance(transport, tcp.Connection):
+        return False
+    return all(hasattr(transport, name) for name in _ATTRIBUTES)
