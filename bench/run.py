@@ -63,9 +63,9 @@ def servers(build: Path, logs: Path) -> dict[str, tuple[callable, set[str]]]:
     python = sys.executable
     peers = str(HERE / "peers.py")
 
-    def twistsock(port: int) -> list[str]:
+    def twistsock(port: int, reactor: str = "default") -> list[str]:
         return [
-            str(BIN / "twist"), "--log-format=text", f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
+            str(BIN / "twist"), f"--reactor={reactor}", "--log-format=text", f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
             "--listen", f"echo@tcp:{port}:interface=127.0.0.1:backlog=4096",
             "--listen", f"upper@tcp:{port + 1}:interface=127.0.0.1:backlog=4096",
             "--listen", f"echo@udp:{port}:interface=127.0.0.1",
@@ -75,6 +75,7 @@ def servers(build: Path, logs: Path) -> dict[str, tuple[callable, set[str]]]:
     every = {"tcp", "upper", "udp"}
     return {
         "twistsock": (twistsock, every),
+        "twistsock+reactor": (lambda p: twistsock(p, "twistsock"), every),
         "twisted": (lambda p: [python, peers, "twisted", str(p)], every),
         "asyncio": (lambda p: [python, peers, "asyncio", str(p)], every),
         "uvloop": (lambda p: [python, peers, "uvloop", str(p)], every),
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--only", action="append", help="run only workloads whose name contains this")
+    parser.add_argument("--servers", help="comma-separated servers to run (default: all)")
     parser.add_argument("--write", type=Path, help="also write the results as Markdown to this file")
     args = parser.parse_args()
     if os.cpu_count() < 2:
@@ -192,6 +194,8 @@ def main() -> None:
         build(work)
         loadgen = work / "loadgen"
         table = servers(work, work)
+        if args.servers:
+            table = {name: table[name] for name in args.servers.split(",")}
         workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         ratios: dict[tuple[str, str], list[float]] = {}
@@ -209,7 +213,7 @@ def main() -> None:
                         server.stop()
                     rates[name] = rate
                     results.setdefault((workload.name, name), []).append((rate, cpu))
-                    print(f"round {round + 1} {workload.name:24} {name:10} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req", flush=True)
+                    print(f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req", flush=True)
                 for name, rate in rates.items():
                     for base in ("asyncio", "uvloop", "C epoll"):
                         if base in rates:
@@ -223,7 +227,7 @@ def main() -> None:
                     finally:
                         server.stop()
                     results.setdefault(("idle memory", name), []).append((kib, 0.0))
-                    print(f"round {round + 1} {'idle memory':24} {name:10} {kib:12.2f} KiB/conn", flush=True)
+                    print(f"round {round + 1} {'idle memory':24} {name:17} {kib:12.2f} KiB/conn", flush=True)
         report = render(results, ratios, workloads, args)
         print(report)
         if args.write:
@@ -254,7 +258,7 @@ def render(results, ratios, workloads, args) -> str:
         lines.append(f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | {min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |")
     lines += ["", "| workload | ratio | median | spread |", "|---|---|---|---|"]
     for (workload, pair), values in ratios.items():
-        if pair.split("/")[0] in ("twistsock", "twisted"):
+        if pair.split("/")[0].startswith(("twistsock", "twisted")):
             lines.append(f"| {workload} | {pair} | {statistics.median(values):.2f}x | {min(values):.2f} - {max(values):.2f} |")
     return "\n".join(lines) + "\n"
 
