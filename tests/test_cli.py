@@ -55,3 +55,12 @@ def test_exit_statuses_are_the_client_errors():
     """The documented table and the exception classes agree."""
     statuses = {cls.exitStatus: cls for cls in (client.ConnectionFailed, client.UnknownHost, client.ConnectionRefused, client.Timeout, client.EchoMismatch, client.CertificateError, client.TLSFailed)}
     assert set(statuses) | {0, 64, 130} == set(cli.EXIT_STATUSES)
+
+
+@pytest.mark.parametrize("command", [[], ["send"], ["echo"], ["upper"], ["ack"], ["udp"], ["certs"]])
+def test_every_help_prints_and_exits_0(command, capsys):
+    # certs --help once died in argparse (a positional's %(default)s under parse_intermixed_args).
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: twistsock" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     datagram = command("udp", "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.", "MESSAGE", tls=False)
     datagram.add_argument("--retries", type=_size, default=client.DEFAULT_RETRIES, help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)")
     certs = commands.add_parser("certs", help="Make a local CA, a server and a client certificate.", description=certsModule.__doc__.strip().splitlines()[0])
-    certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: %(default)s)")
+    certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: certs)")  # no %(default)s: parse_intermixed_args hides positional defaults from --help
     certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
     certs.add_argument("--force", action="store_true", help="replace existing files")
     return parser, commands
