@@ -208,3 +208,25 @@ def test_drain_waits_for_open_connections_then_closes_the_rest(records):
     close(lingering)
     assert drained.called
     assert [r["reason"] for r in records()] == ["limit", "peer closed", "server shutdown"]
+
+
+class TCPWire(StringTransport):
+    """A transport that remembers TCP_NODELAY, as a Twisted TCP transport would apply it."""
+
+    noDelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
+def test_nagle_is_off_for_every_admitted_tcp_connection():
+    factory = ConnectionFactory(ServiceFactory("echo"), TransportInfo("tcp"), reactor=MemoryReactorClock())
+    wire = TCPWire(hostAddress=HOST, peerAddress=PEER)
+    factory.buildProtocol(PEER).makeConnection(wire)
+    assert wire.noDelay is True
+
+
+def test_transports_without_tcp_options_are_left_alone():
+    protocol, wire = connect()  # a StringTransport has no setTcpNoDelay, like a UNIX socket
+    protocol.dataReceived(b"still echoes")
+    assert wire.value() == b"still echoes"

@@ -64,10 +64,14 @@ def directWrite(transport: Any) -> Callable[[bytes], None]:
 
 
 def _capable(transport: Any) -> bool:
-    if not isinstance(transport, abstract.FileDescriptor):
-        return False
     if getattr(transport.write, "__func__", None) not in _PLAIN_WRITES:
-        return False
-    if not isinstance(transport, tcp.Connection):
-        return False
-    return all(hasattr(transport, name) for name in _ATTRIBUTES)
+        return False  # not Twisted's buffering write (another transport, or replaced on this one)
+    kind = type(transport)
+    known = _CAPABLE.get(kind)
+    if known is None:
+        known = _CAPABLE[kind] = issubclass(kind, tcp.Connection) and all(hasattr(transport, name) for name in _ATTRIBUTES)
+    return known
+
+
+# Per transport class: whether it is a Twisted socket transport with every attribute the fast path reads.
+_CAPABLE: dict[type, bool] = {}

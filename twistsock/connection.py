@@ -278,6 +278,21 @@ class ConnectionFactory(Factory):
         return None if protocol is None else Connection(self, protocol)
 
 
+def _noDelay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on TCP: every reply is written whole, and
+    holding a small one back until the previous one is acknowledged only
+    adds the peer's delayed-ACK time (40 ms on Linux) to request/response
+    exchanges, TLS handshakes above all.  asyncio does the same.
+    """
+    setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)  # through TLS and PROXY layers too
+    if setTcpNoDelay is not None:
+        try:
+            setTcpNoDelay(True)
+        except OSError:
+            pass  # not TCP after all (a UNIX socket behind a wrapper), or already gone
+
+
 @implementer(IHandshakeListener)
 class Connection(Layer):
     """
@@ -319,6 +334,7 @@ class Connection(Layer):
             transport.abortConnection()
             return
         self._admitted = True
+        _noDelay(transport)
         if self.factory.transport.tls:
             self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
         super().makeConnection(transport)
