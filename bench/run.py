@@ -43,8 +43,9 @@ class Workload:
     name: str
     unit: str
     args: tuple[str, ...]  # loadgen mode and its arguments after HOST PORT
-    portOffset: int = 0  # upper listens on PORT+1
+    portOffset: int = 0  # upper listens on PORT+1, TLS echo on PORT+2
     needs: str = "tcp"
+    tool: str = "loadgen"  # or tlsload
 
 
 WORKLOADS = [
@@ -54,47 +55,61 @@ WORKLOADS = [
     Workload("connections/s (upper)", "conn/s", ("connect", "{port}", "8", "{seconds}"), portOffset=1, needs="upper"),
     Workload("bulk echo", "MB/s", ("bulk", "{port}", "{seconds}")),
     Workload("UDP echo 64 B x 10", "dgram/s", ("udp", "{port}", "10", "64", "{seconds}")),
+    Workload("TLS echo 1 KiB x 10", "req/s", ("pingpong", "{port}", "10", "1024", "{seconds}"), portOffset=2, needs="tls", tool="tlsload"),
+    Workload("TLS handshakes/s", "hs/s", ("handshake", "{port}", "8", "{seconds}"), portOffset=2, needs="tls", tool="tlsload"),
 ]
 IDLE = 5000
 
 
-def servers(build: Path, logs: Path) -> dict[str, tuple[callable, set[str]]]:
+def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple[callable, set[str]]]:
     """Each server: a function of the port to its command line, and what it serves."""
     python = sys.executable
     peers = str(HERE / "peers.py")
+    pem = str(build / "certs" / "server.pem")
 
-    def twistsock(port: int, reactor: str = "default") -> list[str]:
+    def twistsock(port: int, reactor: str = "default", twist: tuple[str, ...] = (str(BIN / "twist"),)) -> list[str]:
         return [
-            str(BIN / "twist"), f"--reactor={reactor}", "--log-format=text", f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
+            *twist, f"--reactor={reactor}", "--log-format=text", f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
             "--listen", f"echo@tcp:{port}:interface=127.0.0.1:backlog=4096",
             "--listen", f"upper@tcp:{port + 1}:interface=127.0.0.1:backlog=4096",
             "--listen", f"echo@udp:{port}:interface=127.0.0.1",
+            "--listen", f"echo@ssl:{port + 2}:interface=127.0.0.1:backlog=4096:privateKey={pem}:certKey={pem}",
             "--udp-rate", "0",
         ]
 
-    every = {"tcp", "upper", "udp"}
-    return {
+    every = {"tcp", "upper", "udp", "tls"}
+    table = {
         "twistsock": (twistsock, every),
         "twistsock+reactor": (lambda p: twistsock(p, "twistsock"), every),
-        "twisted": (lambda p: [python, peers, "twisted", str(p)], every),
-        "asyncio": (lambda p: [python, peers, "asyncio", str(p)], every),
-        "uvloop": (lambda p: [python, peers, "uvloop", str(p)], every),
+        "twisted": (lambda p: [python, peers, "twisted", str(p), pem], every),
+        "asyncio": (lambda p: [python, peers, "asyncio", str(p), pem], every),
+        "uvloop": (lambda p: [python, peers, "uvloop", str(p), pem], every),
         "C epoll": (lambda p: [str(build / "cecho"), str(p)], {"tcp", "udp"}),
     }
+    if pypy:
+        # twistsock from this checkout (PyPy may be older than the package's requires-python).
+        withPath = ("env", f"PYTHONPATH={HERE.parent}", pypy)
+        table["twistsock+reactor pypy"] = (lambda p: twistsock(p, "twistsock", (*withPath, "-m", "twisted")), every)
+        table["twisted pypy"] = (lambda p: [pypy, peers, "twisted", str(p), pem], every)
+        table["asyncio pypy"] = (lambda p: [pypy, peers, "asyncio", str(p), pem], every)
+    return table
 
 
 def build(directory: Path) -> None:
+    """Compile the load generators and the C server; make the TLS server's certificate."""
     for name in ("loadgen", "cecho"):
         subprocess.run(["cc", "-O2", "-o", str(directory / name), str(HERE / f"{name}.c")], check=True)
+    subprocess.run(["cc", "-O2", "-o", str(directory / "tlsload"), str(HERE / "tlsload.c"), "-lssl", "-lcrypto", "-lpthread"], check=True)
+    subprocess.run([str(BIN / "twistsock"), "certs", str(directory / "certs")], check=True, stdout=subprocess.DEVNULL)
 
 
 def freePorts() -> int:
-    """A port P with P and P+1 free for TCP and UDP on 127.0.0.1."""
+    """A port P with P, P+1 and P+2 free for TCP and UDP on 127.0.0.1."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < 65000 and all(_free(port + i, kind) for i in (0, 1) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)):
+        if port < 65000 and all(_free(port + i, kind) for i in (0, 1, 2) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)):
             return port
 
 
@@ -143,13 +158,13 @@ class Server:
             self.process.wait()
 
 
-def measure(loadgen: Path, workload: Workload, server: Server, seconds: float) -> tuple[float, float]:
+def measure(tools: Path, workload: Workload, server: Server, seconds: float) -> tuple[float, float]:
     """Run one cell: the rate, and the server's CPU microseconds per request."""
     import json
 
     args = [a.format(port=server.port + workload.portOffset, seconds=seconds) for a in workload.args]
     before = cpuSeconds(server.process.pid)
-    result = subprocess.run(["taskset", "-c", CLIENT_CORE, str(loadgen), args[0], "127.0.0.1", *args[1:]], capture_output=True, text=True, timeout=seconds + 60)
+    result = subprocess.run(["taskset", "-c", CLIENT_CORE, str(tools / workload.tool), args[0], "127.0.0.1", *args[1:]], capture_output=True, text=True, timeout=seconds + 60)
     after = cpuSeconds(server.process.pid)
     if result.returncode != 0:
         raise RuntimeError(f"loadgen failed: {result.stderr.strip()}")
@@ -183,6 +198,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--only", action="append", help="run only workloads whose name contains this")
+    parser.add_argument("--pypy", metavar="PYTHON", help="also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds of the same load first)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before a PyPy cell is measured (default: 3)")
     parser.add_argument("--servers", help="comma-separated servers to run (default: all)")
     parser.add_argument("--write", type=Path, help="also write the results as Markdown to this file")
     args = parser.parse_args()
@@ -193,7 +210,7 @@ def main() -> None:
     try:
         build(work)
         loadgen = work / "loadgen"
-        table = servers(work, work)
+        table = servers(work, work, args.pypy)
         if args.servers:
             table = {name: table[name] for name in args.servers.split(",")}
         workloads = [w for w in WORKLOADS if not args.only or any(o in w.name for o in args.only)]
@@ -208,7 +225,9 @@ def main() -> None:
                     port = freePorts()
                     server = Server(command(port), port)
                     try:
-                        rate, cpu = measure(loadgen, workload, server, args.seconds)
+                        if name.endswith("pypy"):  # let the JIT compile the hot path first
+                            measure(work, workload, server, args.warmup)
+                        rate, cpu = measure(work, workload, server, args.seconds)
                     finally:
                         server.stop()
                     rates[name] = rate

@@ -68,6 +68,12 @@ REFLECTING_PORTS = frozenset(
 
 # Python 3.11's socket module lacks IP_PKTINFO; 8 is Linux's value.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+# Plain ints: socket's are enums, and an enum operation per datagram showed in profiles.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_IPPROTO_IP, _IPPROTO_IPV6, _IPV6_PKTINFO = int(socket.IPPROTO_IP), int(socket.IPPROTO_IPV6), int(socket.IPV6_PKTINFO)
+# The ancillary data for a reply, by the request's destination: as many as the host has addresses.
+_replies: dict[tuple[int, bytes], list] = {}
+_MAX_REPLIES = 256
 
 DEFAULT_RATE = 100.0
 DEFAULT_BURST = 200
@@ -318,7 +324,7 @@ class DatagramPort:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 raise
-            truncated = bool(flags & socket.MSG_TRUNC) or len(data) > MAX_DATAGRAM
+            truncated = bool(flags & _MSG_TRUNC) or len(data) > MAX_DATAGRAM
             sourceHost = host(source[0])
             reply = self.server.handle(data, sourceHost, source[1], truncated)
             if reply is not None:
@@ -338,13 +344,27 @@ class DatagramPort:
 def _replyFrom(ancdata: list) -> list:
     """The ancillary data that makes a reply leave from the request's destination address."""
     for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
-            # in6_pktinfo: the destination address; interface 0 lets routing choose.
-            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, data[:16] + struct.pack("I", 0))]
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-            # in_pktinfo {ifindex, spec_dst, addr}: send from addr, the destination.
-            return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("i", 0) + data[8:12] + b"\0\0\0\0")]
+        if level == _IPPROTO_IPV6 and kind == _IPV6_PKTINFO:
+            key = (6, data[:16])
+        elif level == _IPPROTO_IP and kind == IP_PKTINFO:
+            key = (4, data[8:12])
+        else:
+            continue
+        reply = _replies.get(key)
+        if reply is None:
+            if len(_replies) >= _MAX_REPLIES:
+                _replies.clear()
+            reply = _replies[key] = _pktinfo(*key)
+        return reply
     return []
+
+
+def _pktinfo(family: int, destination: bytes) -> list:
+    if family == 6:
+        # in6_pktinfo: the destination address; interface 0 lets routing choose.
+        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, destination + struct.pack("I", 0))]
+    # in_pktinfo {ifindex, spec_dst, addr}: send from spec_dst, the request's destination.
+    return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("i", 0) + destination + b"\0\0\0\0")]
 
 
 class DatagramEndpoint:
