@@ -13,14 +13,14 @@ C{doWrite} would have sent the same way.
 
 It reads attributes of Twisted's socket transports (C{dataBuffer},
 C{offset}, C{_tempDataLen}, C{_writeDisconnecting}, C{socket}, ...);
-L{directWrite} checks that they are there and that C{write} is still
+L{canWriteDirectly} checks that they are there and that C{write} is still
 Twisted's buffering one, and falls back to plain C{transport.write}
 otherwise, so a Twisted that changes them is slower, not wrong.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import abstract, tcp
 
@@ -29,38 +29,38 @@ _ATTRIBUTES = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconne
 _PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
 
 
-def directWrite(transport: Any) -> Callable[[bytes], None]:
-    """The fastest correct C{write} for C{transport}: a direct one for Twisted's socket transports, else its own."""
-    if not _capable(transport):
-        return transport.write
-    plain = transport.write
-    send = transport.socket.send
+def canWriteDirectly(transport: Any) -> bool:
+    """Whether L{writeDirectly} may be used for C{transport}: a Twisted socket transport with Twisted's own write."""
+    return _capable(transport)
 
-    def write(data: bytes) -> None:
-        t = transport
-        if (
-            t._tempDataLen
-            or t.offset != len(t.dataBuffer)
-            or not t.connected
-            or t.disconnecting
-            or t._writeDisconnecting
-            or t.TLS
-            or data.__class__ is not bytes
-            or not data
-        ):
-            plain(data)
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            # Would block, interrupted, or an error: Twisted buffers it all,
-            # and its doWrite retries, or meets the error and closes the
-            # connection as it would have.
-            sent = 0
-        if sent != len(data):
-            plain(data[sent:] if sent else data)
 
-    return write
+def writeDirectly(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport} (one that L{canWriteDirectly}): send at
+    once if nothing is buffered, and give Twisted whatever is not sent.
+    """
+    t = transport
+    if (
+        t._tempDataLen
+        or t.offset != len(t.dataBuffer)
+        or not t.connected
+        or t.disconnecting
+        or t._writeDisconnecting
+        or t.TLS
+        or data.__class__ is not bytes
+        or not data
+    ):
+        t.write(data)
+        return
+    try:
+        sent = t.socket.send(data)
+    except OSError:
+        # Would block, interrupted, or an error: Twisted buffers it all, and
+        # its doWrite retries, or meets the error and closes the connection
+        # as it would have.
+        sent = 0
+    if sent != len(data):
+        t.write(data[sent:] if sent else data)
 
 
 def _capable(transport: Any) -> bool:

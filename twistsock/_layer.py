@@ -8,7 +8,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from ._direct import directWrite
+from ._direct import canWriteDirectly, writeDirectly
 
 
 @implementer(IHalfCloseableProtocol)
@@ -20,13 +20,16 @@ class Layer(Protocol):
     that cannot half-close gets a full close once its output is sent.
     """
 
+    #: Whether our transport is a Twisted socket transport that we may send on directly.
+    _direct = False
+
     def __init__(self, wrapped: IProtocol) -> None:
         self.wrapped = wrapped
 
     # -- events from the transport below --
 
     def makeConnection(self, transport: Any) -> None:
-        self._write = directWrite(transport)
+        self._direct = canWriteDirectly(transport)
         Protocol.makeConnection(self, transport)
         self.wrapped.makeConnection(self)
 
@@ -49,7 +52,10 @@ class Layer(Protocol):
     # -- the transport, as the protocol above sees it --
 
     def write(self, data: bytes) -> None:
-        self._write(data)
+        if self._direct:
+            writeDirectly(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.transport.writeSequence(data)
@@ -85,7 +91,7 @@ class Layer(Protocol):
     def __getattr__(self, name: str) -> Any:
         # The rest of the transport (loseWriteConnection, getHandle,
         # getPeerCertificate, disconnecting, ...) is the real one's.
-        if name.startswith("__") or name in ("transport", "wrapped", "_write"):
+        if name.startswith("__") or name in ("transport", "wrapped"):
             raise AttributeError(name)
         return getattr(self.transport, name)
 

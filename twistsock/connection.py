@@ -258,6 +258,20 @@ class ConnectionFactory(Factory):
         self.transport = transport
         self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
         self.handshakeTimeout = handshakeTimeout
+        self._hosts: dict[Any, Any] = {}
+
+    def sharedHost(self, address: Any) -> Any:
+        """
+        One object for each local address: every connection keeps its own,
+        and they are few (the listening port on each local IP), so they are
+        shared rather than held once per connection.
+        """
+        shared = self._hosts.get(address)
+        if shared is None:
+            if len(self._hosts) >= 1024:
+                self._hosts.clear()
+            shared = self._hosts[address] = address
+        return shared
 
     @property
     def reactor(self) -> Any:
@@ -311,7 +325,6 @@ class Connection(Layer):
     why: str | None = None
     detail: str | None = None
     clientSubject: str | None = None
-    _admitted = False
     _handshaken = False
     _deadline: Any = None
 
@@ -323,7 +336,7 @@ class Connection(Layer):
     def makeConnection(self, transport: Any) -> None:
         # Both addresses now: a closed TCP transport can no longer tell its
         # own, and behind proxy: the peer is already the real client.
-        self.host = transport.getHost()
+        self.host = self.factory.sharedHost(transport.getHost())
         peer = transport.getPeer()
         if isinstance(peer, (IPv4Address, IPv6Address)):
             self.peerKey = host(peer.host)
@@ -333,11 +346,15 @@ class Connection(Layer):
             self._ended(LIMIT, refused)
             transport.abortConnection()
             return
-        self._admitted = True
         _noDelay(transport)
         if self.factory.transport.tls:
             self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
         super().makeConnection(transport)
+
+    @property
+    def _admitted(self) -> bool:
+        # Derived, not stored: every attribute is held once per connection.
+        return self.why != LIMIT
 
     def handshakeCompleted(self) -> None:
         self._handshaken = True
@@ -373,7 +390,7 @@ class Connection(Layer):
 
     def write(self, data: bytes) -> None:
         self.bytesOut += len(data)
-        self._write(data)
+        Layer.write(self, data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.bytesOut += sum(map(len, data))

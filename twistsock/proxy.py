@@ -37,7 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._format import describe, printable
-from ._direct import directWrite
+from ._direct import canWriteDirectly
 from ._layer import Layer
 
 V1_PREFIX = b"PROXY "
@@ -138,7 +138,7 @@ class ProxyHeaderProtocol(Layer):
 
     def makeConnection(self, transport: Any) -> None:
         # The protocol above starts once the header says who the client is.
-        self._write = directWrite(transport)
+        self._direct = canWriteDirectly(transport)
         Protocol.makeConnection(self, transport)
 
     def dataReceived(self, data: bytes) -> None:

@@ -36,6 +36,9 @@ class ServiceConfig:
     keepOpen: bool = False
 
 
+_DEFAULT_CONFIG = ServiceConfig()
+
+
 @implementer(IHalfCloseableProtocol)
 class StreamService(Protocol):
     """
@@ -48,8 +51,12 @@ class StreamService(Protocol):
     closes.
     """
 
-    config: ServiceConfig = ServiceConfig()
     _finishing = False
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The settings of this connection's service (the factory's, held once for all its connections)."""
+        return self.factory.config if self.factory is not None else _DEFAULT_CONFIG
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.transport, True)
@@ -247,7 +254,6 @@ class ServiceFactory(Factory):
     def buildProtocol(self, addr: object) -> StreamService:
         protocol = self.protocol()
         protocol.factory = self
-        protocol.config = self.config
         return protocol
 
     def logPrefix(self) -> str:
