@@ -66,14 +66,25 @@ def isIPv6Literal(text: str) -> bool:
         return False
 
 
+def oneLine(text: str) -> str:
+    """C{text} with newlines and other control characters escaped, so that it stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def errorText(e: BaseException) -> str:
     """
     The part of a connection error a user needs, as one line: OpenSSL's
     reason strings (C{unsupported protocol}), the OS error text of Twisted's
     connection errors (C{Connection refused}), else the message.
     """
+    return oneLine(_errorText(e))
+
+
+def _errorText(e: BaseException) -> str:
     if isinstance(e, _error.CannotListenError) and e.socketError is not None:
-        return errorText(e.socketError)
+        return _errorText(e.socketError)
     if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
         reasons = [entry[-1] for entry in e.args[0] if isinstance(entry, tuple) and entry[-1]]
         if reasons:
