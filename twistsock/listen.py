@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._accepts import AcceptErrors, raiseOpenFileLimit
 from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
 from .metrics import Tallies, metricsSite, tallies
@@ -64,7 +65,7 @@ def parseListen(text: str) -> ListenSpec:
                 raise ValueError("a PROXY header cannot come before datagrams")
             parseUDP(endpoint)
         except ValueError as e:
-            raise ValueError(f"bad endpoint {endpoint!r}: {e}") from None
+            raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}") from None
     else:
         checkEndpoint(endpoint)
     return ListenSpec(service, endpoint)
@@ -85,6 +86,8 @@ def checkEndpoint(endpoint: str) -> None:
     try:
         if kind == "tls" and rest:
             checkSNIDirectory(splitEndpoint(rest)[0])
+        if kind in _PORTED:
+            _checkPort(rest)
         # Endpoint parsers only record the reactor; parsing with a stand-in
         # checks the syntax (and reads certificate files) before any reactor
         # is installed, so `twist --reactor=...` still works.
@@ -94,6 +97,18 @@ def checkEndpoint(endpoint: str) -> None:
         if kind == "systemd" and "LISTEN_FDNAMES" not in os.environ:
             hint = " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
         raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
+
+
+# Endpoint types whose first argument (or port=) is a TCP port.
+_PORTED = ("tcp", "tcp6", "ssl", "mtls")
+
+
+def _checkPort(rest: str) -> None:
+    """A port out of range is found here, before anything listens, not by bind() once others do."""
+    fields = splitEndpoint(rest)
+    port = next((f[len("port=") :] for f in fields if f.startswith("port=")), fields[0] if fields and "=" not in fields[0] else None)
+    if port is not None and port.isdigit() and not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is not between 0 and 65535")
 
 
 class _ParseOnlyReactor:
@@ -120,6 +135,7 @@ class ListeningService(Service):
 
     log = Logger()
     port: IListeningPort | None = None
+    acceptErrors: AcceptErrors | None = None
 
     def __init__(
         self,
@@ -145,6 +161,9 @@ class ListeningService(Service):
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
+            connections = getattr(self.factory, "connections", None)
+            if connections is not None:
+                self.acceptErrors = AcceptErrors.watch(port, connections.reactor, self.spec.service, self.spec.endpoint, connections.refused)
             self.log.info(
                 "{service} listening on {address} ({endpoint})" if self.worker is None else "{service} served by worker {worker} on {address} ({endpoint})",
                 service=self.spec.service,
@@ -173,6 +192,8 @@ class ListeningService(Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         listening, self._listening = self._listening, None
+        if self.acceptErrors is not None:
+            self.acceptErrors.stop()
         if listening is None:
             return None
         listening.cancel()
@@ -231,9 +252,11 @@ class SocketsService(MultiService):
         return self.running and not self.connections.draining
 
     def privilegedStartService(self) -> None:
+        self._raiseOpenFileLimit()
         self._start(super().privilegedStartService)
 
     def startService(self) -> None:
+        self._raiseOpenFileLimit()
         self._start(super().startService)
         self.connections.start()
         # The reactor installs its signal handlers as it starts: the first
@@ -248,6 +271,26 @@ class SocketsService(MultiService):
         if self.metrics is not None:
             stopped.addCallback(lambda _: self.metrics.stopService())
         return stopped.addCallback(lambda _: None)
+
+    _limitChecked = False
+
+    def _raiseOpenFileLimit(self) -> None:
+        """Every connection is a descriptor: allow as many as the hard limit does, and say if that is fewer than --max-connections."""
+        if self._limitChecked:
+            return
+        self._limitChecked = True
+        before, after = raiseOpenFileLimit()
+        if after != before:
+            self.log.info("open-file limit raised from {before} to {after}", before=before, after=after)
+        wanted = self.connections.maxConnections
+        if wanted and wanted + 64 > after:
+            self.log.warn(
+                "the open-file limit ({limit}) is below --max-connections {wanted}: "
+                "connections beyond about {usable} will be refused (raise LimitNOFILE= or ulimit -n)",
+                limit=after,
+                wanted=wanted,
+                usable=max(0, after - 64),
+            )
 
     def _ready(self) -> None:
         firstSignalOnly()
