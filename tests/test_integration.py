@@ -362,11 +362,11 @@ def test_privileged_port_not_permitted_is_one_line_and_status_1():
         ("nosuchtype:0", "bad endpoint 'nosuchtype:0'"),
     ],
 )
-def test_malformed_listen_is_a_usage_error_before_listening(listen, message):
+def test_malformed_listen_is_one_line_and_status_1_before_listening(listen, message):
     port = freePort()
     result = runTwist("--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen)
-    assert result.returncode == 64
-    assert f"Error: {message}" in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"twistsock: error: {message}") and result.stderr.count("\n") == 1
     assert "listening on" not in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 

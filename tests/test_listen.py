@@ -7,7 +7,6 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 
 from twistsock.listen import ListenFailed, ListeningService, ListenSpec, SocketsService, parseListen
 from twistsock.services import ServiceConfig, ServiceFactory
@@ -63,9 +62,12 @@ def test_options_repeatable_listen_and_settings():
 
 
 @pytest.mark.parametrize("argv", [["--listen", "nosuch@tcp:0"], ["--listen", "tcp:x"], ["--max-line", "0"], ["--max-line", "x"]])
-def test_options_usage_errors(argv):
-    with pytest.raises(usage.UsageError):
+def test_options_errors_are_one_line_and_status_1(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
         Options().parseOptions(argv)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("twistsock: error: ") and err.count("\n") == 1
 
 
 def test_make_service_one_child_per_listen():

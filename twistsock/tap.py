@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.python import usage
 
 from . import connection, udp, workers
+from ._format import oneLine
 from .listen import ListenSpec, SocketsService, checkEndpoint, isUDP, listeningService, parseListen
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
 from .services import DEFAULT_MAX_LINE, ServiceConfig
@@ -56,9 +57,21 @@ class Options(usage.Options):
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse; a configuration error (a malformed or unknown option, a bad
+        --listen, a certificate file that cannot be read) is one line on
+        standard error and exit status 1, before anything listens.  (twist's
+        own handling of a usage error prints the whole option list.)
+        """
         # Kept to start workers with the same options.
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            error = ConfigurationError(str(e))
+            sys.stderr.write(f"twistsock: error: {error.message} (twist sockets --help lists the options)\n")
+            sys.stderr.flush()
+            raise error from None
 
     def opt_listen(self, text: str) -> None:
         """[SERVICE@]ENDPOINT to serve; repeatable."""
@@ -91,6 +104,14 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--metrics: {e}") from None
         if not self["listen"]:
             self.opt_listen(DEFAULT_LISTEN)
+
+
+class ConfigurationError(SystemExit):
+    """A bad command line: says so in one line on standard error, and exits with status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = oneLine(message)
 
 
 def makeService(options: Options) -> IService:
