@@ -104,17 +104,24 @@ def build(directory: Path) -> None:
 
 
 def freePorts() -> int:
-    """A port P with P, P+1 and P+2 free for TCP and UDP on 127.0.0.1."""
+    """
+    A port P with P, P+1 and P+2 free for TCP and UDP on 127.0.0.1, below
+    Linux's ephemeral range (32768-60999) that the load generators' own
+    sockets take.  Bound with SO_REUSEADDR, as every server here binds: the
+    connections workload leaves thousands of TIME_WAIT entries behind.
+    """
+    import random
+
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and all(_free(port + i, kind) for i in (0, 1, 2) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)):
+        port = random.randrange(10000, 32000, 3)
+        if all(_free(port + i, kind) for i in (0, 1, 2) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)):
             return port
 
 
 def _free(port: int, kind: int) -> bool:
     with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -49,7 +49,7 @@ def test_without_socket_names_the_error_says_what_is_missing():
     server = activated(port, None, [TWIST, "sockets", "--listen", "echo@systemd:domain=INET:index=0"])
     try:
         twistsock("echo", "127.0.0.1", str(port), "x", "--timeout", "5")
-        line = server.waitFor(r"Error: bad endpoint")[0]
+        line = server.waitFor(r"twistsock: error: bad endpoint")[0]
         assert "FileDescriptorName=" in line
     finally:
         stop(server)
