@@ -27,36 +27,11 @@
 #include <time.h>
 #include <unistd.h>
 
-static struct sockaddr_storage target;
-static socklen_t targetLen;
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+#include "target.h"
 
 static void die(const char *what) {
     perror(what);
     exit(2);
-}
-
-static void resolve(const char *host, int port) {
-    memset(&target, 0, sizeof target);
-    struct sockaddr_in *v4 = (struct sockaddr_in *)&target;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&target;
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons(port);
-        targetLen = sizeof *v4;
-    } else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons(port);
-        targetLen = sizeof *v6;
-    } else {
-        fprintf(stderr, "loadgen: %s is not an IP address\n", host);
-        exit(2);
-    }
 }
 
 static int open_socket(int type, int blocking) {

@@ -26,36 +26,12 @@
 #include <time.h>
 #include <unistd.h>
 
-static struct sockaddr_storage target;
-static socklen_t targetLen;
+#include "target.h"
+
 static SSL_CTX *ctx;
 static double deadline;
 static long size;
 static atomic_long requests, errors;
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void resolve(const char *host, int port) {
-    struct sockaddr_in *v4 = (struct sockaddr_in *)&target;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&target;
-    memset(&target, 0, sizeof target);
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons(port);
-        targetLen = sizeof *v4;
-    } else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons(port);
-        targetLen = sizeof *v6;
-    } else {
-        fprintf(stderr, "not an IP literal: %s\n", host);
-        exit(2);
-    }
-}
 
 static SSL *open_tls(void) {
     int fd = socket(target.ss_family, SOCK_STREAM, 0);
