@@ -24,14 +24,9 @@ from typing import Any
 
 from twisted.internet import abstract, tcp
 
-_ATTRIBUTES = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "_writeDisconnected", "disconnecting", "connected", "TLS")
+_ATTRIBUTES = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "disconnecting", "connected", "TLS")
 # Classes whose write is Twisted's buffering one, unchanged.
 _PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
-
-
-def canWriteDirectly(transport: Any) -> bool:
-    """Whether L{writeDirectly} may be used for C{transport}: a Twisted socket transport with Twisted's own write."""
-    return _capable(transport)
 
 
 def writeDirectly(transport: Any, data: bytes) -> None:
@@ -60,10 +55,11 @@ def writeDirectly(transport: Any, data: bytes) -> None:
         # as it would have.
         sent = 0
     if sent != len(data):
-        t.write(data[sent:] if sent else data)
+        t.write(data[sent:])
 
 
-def _capable(transport: Any) -> bool:
+def canWriteDirectly(transport: Any) -> bool:
+    """Whether L{writeDirectly} may be used for C{transport}: a Twisted socket transport with Twisted's own write."""
     if getattr(transport.write, "__func__", None) not in _PLAIN_WRITES:
         return False  # not Twisted's buffering write (another transport, or replaced on this one)
     kind = type(transport)
