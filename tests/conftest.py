@@ -169,6 +169,11 @@ def serve():
         server.stop()
 
 
+def runTwist(*args: str, command: tuple[str, ...] = (TWIST,)) -> subprocess.CompletedProcess:
+    """Run `twist sockets ARGS` to completion (for start-up errors); output as text."""
+    return subprocess.run([*command, "sockets", *args], capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL)
+
+
 def twistsock(*args: str, input: bytes | None = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
     """Run the twistsock command; stdout and stderr as bytes."""
     return subprocess.run(

@@ -7,15 +7,16 @@ specification, not from the code; nothing may raise.
 
 from __future__ import annotations
 
+import socket
 import struct
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 
+from test_proxy import v2
 from twistsock._format import splitEndpoint, splitHostTarget
 from twistsock.connection import ConnectionFactory, TransportInfo
 from twistsock.listen import parseListen
@@ -140,13 +141,6 @@ class Collect(Protocol):
         self.data += data
 
 
-def v2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
-    import socket
-
-    body = socket.inet_aton(source[0]) + socket.inet_aton(destination[0]) + struct.pack("!HH", source[1], destination[1])
-    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
-
-
 octet = st.integers(0, 255)
 address = st.tuples(st.tuples(octet, octet, octet, octet).map(lambda o: ".".join(map(str, o))), st.integers(1, 65535))
 
@@ -157,7 +151,8 @@ def headers(draw) -> tuple[bytes, str, int]:
     if draw(st.booleans()):
         header = f"PROXY TCP4 {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
     else:
-        header = v2(source, destination)
+        body = socket.inet_aton(source[0]) + socket.inet_aton(destination[0]) + struct.pack("!HH", source[1], destination[1])
+        header = v2(body=body)
     return header, source[0], source[1]
 
 

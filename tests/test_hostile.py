@@ -19,13 +19,10 @@ import time
 
 import pytest
 
-from conftest import TWIST, WAIT, freePort, startServer, twistsock
+from conftest import TWIST, WAIT, freePort, runTwist, startServer, twistsock
 
 ECHO = "echo@tcp:0:interface=127.0.0.1:backlog=4096"
-
-
-def runTwist(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run([TWIST, "--log-format=text", "sockets", *args], capture_output=True, text=True, timeout=timeout)
+TEXT = (TWIST, "--log-format=text")
 
 
 @pytest.fixture
@@ -275,8 +272,7 @@ def keyOnly(tmp_path_factory):
     from twistsock.certs import generate
 
     directory = tmp_path_factory.mktemp("material")
-    generate(directory)
-    pem = (directory / "server.pem").read_text()
+    pem = generate(directory).server.read_text()
     key = pem[: pem.index("-----END PRIVATE KEY-----") + len("-----END PRIVATE KEY-----\n")]
     cert = pem[len(key) :]
     (directory / "key.pem").write_text(key)
@@ -305,7 +301,7 @@ def keyOnly(tmp_path_factory):
 def test_bad_configuration_is_one_line_and_status_1_before_anything_listens(listen, detail, keyOnly):
     port = freePort()
     listen = listen.format(dir=keyOnly, missing=keyOnly / "nosuch.pem")
-    result = runTwist("--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen)
+    result = runTwist("--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen, command=TEXT)
     assert result.returncode == 1, result
     assert result.stderr.startswith("twistsock: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert detail in result.stderr
@@ -313,7 +309,7 @@ def test_bad_configuration_is_one_line_and_status_1_before_anything_listens(list
 
 
 def test_a_unix_path_in_a_missing_directory_is_one_line_and_status_1(short_tmp):
-    result = runTwist("--listen", f"unix:{short_tmp}/no/such/dir/echo.sock")
+    result = runTwist("--listen", f"unix:{short_tmp}/no/such/dir/echo.sock", command=TEXT)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "No such file or directory" in result.stderr
 
@@ -361,13 +357,6 @@ def test_a_proxy_port_refuses_a_connection_without_a_header_and_trusts_one_with_
 
 
 # -- UDP floods --
-
-
-def rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def flood(port: int, sources: list[str], count: int) -> None:
@@ -418,7 +407,7 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
         addresses = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(sources)]
         started = time.monotonic()
         flood(port, addresses, 20_000)  # warm up: buckets made, buffers grown
-        before = rss(server.process.pid)
+        before = server.rss()
         flooding = threading.Thread(target=flood, args=(port, addresses, 100_000))
         flooding.start()
         try:
@@ -426,7 +415,7 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
         finally:
             flooding.join(WAIT * 4)
         elapsed = time.monotonic() - started
-        after = rss(server.process.pid)
+        after = server.rss()
         assert answered, "a legitimate client got no answer during the flood"
         print(f"\nUDP flood from {sources} source(s): server RSS {before >> 10} KiB before 100,000 datagrams, {after >> 10} KiB after")
         assert after - before < 8 << 20, f"memory grew by {(after - before) >> 10} KiB over 100,000 datagrams"

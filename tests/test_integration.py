@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import TWIST, TWISTD, WAIT, freePort, startServer, twistsock
+from conftest import TWIST, TWISTD, WAIT, freePort, runTwist, startServer, twistsock
 
 SERVICES = ("echo", "upper", "sink", "ack")
 
@@ -315,10 +315,6 @@ def test_listening_lines_show_service_and_real_address(server):
             assert entry.host == "::1" and entry.port > 0
         else:
             assert entry.address.endswith(f"/{entry.service}.sock")
-
-
-def runTwist(*args: str, command=(TWIST,)) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, "sockets", *args], capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL)
 
 
 def test_port_in_use_is_one_line_and_status_1():
