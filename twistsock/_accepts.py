@@ -40,12 +40,12 @@ class AcceptErrors:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, service: str, endpoint: str, refused: Any, original: Any) -> None:
+    def __init__(self, reactor: Any, service: str, endpoint: str, tally: Any, original: Any) -> None:
         self.reactor = reactor
         self.service = service
         self.endpoint = endpoint
         #: The registry's refusal tallies, by (service, reason).
-        self.refusedTally = refused
+        self.tally = tally
         self.original = original
         self.refused = 0
         self.failed = 0
@@ -54,12 +54,12 @@ class AcceptErrors:
         self._check: Any = None
 
     @classmethod
-    def watch(cls, port: Any, reactor: Any, service: str, endpoint: str, refused: Any) -> AcceptErrors | None:
+    def watch(cls, port: Any, reactor: Any, service: str, endpoint: str, tally: Any) -> AcceptErrors | None:
         """Summarize C{port}'s accept failures, if it is a Twisted port that logs them; else leave it be."""
         logger = getattr(port, "_logger", None)
         if not isinstance(logger, Logger):
             return None
-        watcher = cls(reactor, service, endpoint, refused, logger.observer)
+        watcher = cls(reactor, service, endpoint, tally, logger.observer)
         port._logger = Logger(namespace=logger.namespace, source=logger.source, observer=watcher)
         return watcher
 
@@ -67,7 +67,7 @@ class AcceptErrors:
         format = event.get("log_format")
         if format == _REFUSED:
             self.refused += 1
-            self.refusedTally[(self.service, REFUSED_NO_DESCRIPTORS)] += 1
+            self.tally[(self.service, REFUSED_NO_DESCRIPTORS)] += 1
         elif format == _FAILED:
             self.failed += 1
         elif format not in _NOISE:

@@ -106,9 +106,11 @@ _PORTED = ("tcp", "tcp6", "ssl", "mtls")
 def _checkPort(rest: str) -> None:
     """A port out of range is found here, before anything listens, not by bind() once others do."""
     fields = splitEndpoint(rest)
-    port = next((f[len("port=") :] for f in fields if f.startswith("port=")), fields[0] if fields and "=" not in fields[0] else None)
-    if port is not None and port.isdigit() and not 0 <= int(port) <= 65535:
-        raise ValueError(f"port {port} is not between 0 and 65535")
+    positional = [f for f in fields if "=" not in f]
+    named = [f[len("port=") :] for f in fields if f.startswith("port=")]
+    for port in positional[:1] + named:
+        if port.isdigit() and int(port) > 65535:
+            raise ValueError(f"port {port} is not between 0 and 65535")
 
 
 class _ParseOnlyReactor:
