@@ -28,7 +28,7 @@ from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
 from .metrics import Tallies, metricsSite, tallies
 from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory
-from .tls import checkSNIDirectory
+from .tls import checkSNIDirectory, useDirectTLS
 from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
 
 DEFAULT_SERVICE = "echo"
@@ -163,6 +163,7 @@ class ListeningService(Service):
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
+            useDirectTLS(port)
             connections = getattr(self.factory, "connections", None)
             if connections is not None:
                 self.acceptErrors = AcceptErrors.watch(port, connections.reactor, self.spec.service, self.spec.endpoint, connections.refused)

@@ -13,12 +13,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS, wrapServerTLS
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from ._direct import canWriteDirectly, writeDirectly
 from ._format import splitHostTarget
 
 
@@ -187,3 +192,136 @@ def parseTLSTarget(target: str) -> tuple[str, int, dict[str, str]]:
     """
     _, host, port, options = splitHostTarget(target)
     return host, port, options
+
+
+try:  # pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's crypto module uses it too)
+    from OpenSSL.SSL import _ffi, _lib
+
+    _memoryBIOSize = _lib.BIO_get_mem_data
+    _NULL = _ffi.NULL
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+    _memoryBIOSize = None
+
+
+def _inBIO(connection: Any, bio: str) -> int:
+    """Bytes in one of a memory-BIO connection's BIOs (C{_into_ssl}, C{_from_ssl}), or -1 if that cannot be known."""
+    pointer = getattr(connection, bio, None)
+    if _memoryBIOSize is None or pointer is None:
+        return -1
+    return _memoryBIOSize(pointer, _NULL)
+
+
+class DirectTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's TLS, with replies that leave without waiting for the reactor.
+
+    Twisted's default (C{BufferingTLSTransport}) gathers every write into a
+    C{callLater(0)} and encrypts it on the next reactor pass, then hands the
+    records to a transport that buffers them for one more pass: a reply costs
+    two extra passes.  Here writes made while received data is being
+    delivered are gathered until that delivery ends and leave then, as one
+    TLS record where they fit in one; other writes are encrypted at once; and
+    the records go to the socket at once when nothing waits to be sent
+    (L{writeDirectly}).  pyOpenSSL reports an empty BIO or nothing left to
+    decrypt by raising an exception; the BIOs' sizes are read instead where
+    pyOpenSSL's bindings allow.  Everything else (handshake, producers, shutdown, errors) is
+    Twisted's.
+    """
+
+    _direct = False
+    _delivering = False
+    _held: list[bytes]
+
+    def makeConnection(self, transport: Any) -> None:
+        self._direct = canWriteDirectly(transport)
+        self._held = []
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._delivering = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._delivering = False
+        if self._held:
+            self._release()
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting and self._producer is None:
+            return
+        if data.__class__ is not bytes:
+            data = memoryview(data).tobytes()  # TypeError for anything that is not a buffer
+        if self._delivering:
+            self._held.append(data)
+        else:
+            self._write(data)
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _shutdownTLS(self) -> None:
+        # close_notify goes after everything written before it.
+        if self._held:
+            self._release()
+        super()._shutdownTLS()
+
+    def abortConnection(self) -> None:
+        # Nothing more leaves: Twisted's abort discards what its transport
+        # holds, close_notify included, so that is where it must go.
+        self._held = []
+        self._direct = False
+        super().abortConnection()
+
+    def _flushReceiveBIO(self) -> None:
+        # Twisted's loop, but it stops when nothing is left to decrypt rather
+        # than asking OpenSSL once more and catching WantReadError.  Nothing
+        # is left when the incoming BIO is empty and SSL_pending() is 0: with
+        # read-ahead off (OpenSSL's default, and pyOpenSSL cannot turn it on)
+        # OpenSSL takes one record at a time out of the BIO.
+        connection = self._tlsConnection
+        while not self._lostTLSConnection:
+            try:
+                data = connection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                if not connection.pending() and _inBIO(connection, "_into_ssl") == 0:
+                    break
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        connection = self._tlsConnection
+        while _inBIO(connection, "_from_ssl"):
+            try:
+                data = connection.bio_read(65536)
+            except WantReadError:
+                return
+            if self._direct:
+                writeDirectly(self.transport, data)
+            else:
+                self.transport.write(data)
+
+
+def useDirectTLS(port: Any) -> bool:
+    """
+    Make the TLS factory beneath a listening port's factories (C{ssl:},
+    C{tls:}, C{mtls:}, C{proxy:ssl:}, ...) build L{DirectTLSProtocol}s, if it
+    builds Twisted's default ones.  True if it did.
+    """
+    factory = getattr(port, "factory", None)
+    while factory is not None:
+        if isinstance(factory, TLSMemoryBIOFactory):
+            if factory.protocol is BufferingTLSTransport:
+                factory.protocol = DirectTLSProtocol
+                return True
+            return False
+        factory = getattr(factory, "wrappedFactory", None) or getattr(factory, "wrapped", None)
+    return False
