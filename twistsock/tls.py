@@ -10,8 +10,9 @@ C{mtls:PORT:privateKey=FILE[:certKey=FILE]:clientCA=FILE[:interface=ADDR][:backl
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet import ssl
@@ -203,12 +204,16 @@ except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
     _memoryBIOSize = None
 
 
-def _inBIO(connection: Any, bio: str) -> int:
-    """Bytes in one of a memory-BIO connection's BIOs (C{_into_ssl}, C{_from_ssl}), or -1 if that cannot be known."""
+def _sizeOf(connection: Any, bio: str) -> Callable[[], int]:
+    """
+    How to read the size of one of a memory-BIO connection's BIOs
+    (C{_into_ssl}, C{_from_ssl}): a function that answers -1 (unknown) if
+    pyOpenSSL's bindings do not allow it.
+    """
     pointer = getattr(connection, bio, None)
     if _memoryBIOSize is None or pointer is None:
-        return -1
-    return _memoryBIOSize(pointer, _NULL)
+        return lambda: -1
+    return partial(_memoryBIOSize, pointer, _NULL)
 
 
 class DirectTLSProtocol(TLSMemoryBIOProtocol):
@@ -280,6 +285,7 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         # read-ahead off (OpenSSL's default, and pyOpenSSL cannot turn it on)
         # OpenSSL takes one record at a time out of the BIO.
         connection = self._tlsConnection
+        incoming = _sizeOf(connection, "_into_ssl")
         while not self._lostTLSConnection:
             try:
                 data = connection.recv(2**15)
@@ -293,13 +299,14 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
             else:
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)
-                if not connection.pending() and _inBIO(connection, "_into_ssl") == 0:
+                if not connection.pending() and incoming() == 0:
                     break
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
         connection = self._tlsConnection
-        while _inBIO(connection, "_from_ssl"):
+        outgoing = _sizeOf(connection, "_from_ssl")
+        while outgoing():
             try:
                 data = connection.bio_read(65536)
             except WantReadError:
