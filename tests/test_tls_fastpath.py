@@ -207,6 +207,15 @@ def test_several_records_in_one_read_are_all_delivered(material, bioSize):
     assert session.received() == b"AB" + b"C" * 20000 + b"D"
 
 
+def test_a_record_longer_than_one_read_is_delivered_whole(material, monkeypatch):
+    # OpenSSL keeps the rest of a record that did not fit the read (and the
+    # BIO is empty by then): the loop must read again.
+    monkeypatch.setattr(twistsock.tls, "_READ", 1000)
+    session = Session(material, App())
+    session.toServer(session.send(b"x" * 5000))
+    assert b"".join(session.app.received) == b"x" * 5000
+
+
 def test_a_record_cut_into_single_bytes_is_delivered_once_whole(material):
     session = Session(material, App(lambda transport, data: transport.write(data)))
     wire = session.send(b"hello, world")

@@ -204,6 +204,10 @@ except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
     _memoryBIOSize = None
 
 
+#: Bytes asked of SSL_read at a time: more than a TLS record holds (16 KiB).
+_READ = 2**15
+
+
 def _sizeOf(connection: Any, bio: str) -> Callable[[], int]:
     """
     How to read the size of one of a memory-BIO connection's BIOs
@@ -281,14 +285,16 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     def _flushReceiveBIO(self) -> None:
         # Twisted's loop, but it stops when nothing is left to decrypt rather
         # than asking OpenSSL once more and catching WantReadError.  Nothing
-        # is left when the incoming BIO is empty and SSL_pending() is 0: with
-        # read-ahead off (OpenSSL's default, and pyOpenSSL cannot turn it on)
-        # OpenSSL takes one record at a time out of the BIO.
+        # is left when the incoming BIO is empty and the last read did not
+        # fill the buffer: with read-ahead off (OpenSSL's default, and
+        # pyOpenSSL cannot turn it on) OpenSSL takes one record at a time out
+        # of the BIO, and SSL_read returns what is left of the current record
+        # up to the buffer's size.
         connection = self._tlsConnection
         incoming = _sizeOf(connection, "_into_ssl")
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(2**15)
+                data = connection.recv(_READ)
             except WantReadError:
                 break
             except ZeroReturnError:
@@ -299,7 +305,7 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
             else:
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)
-                if not connection.pending() and incoming() == 0:
+                if len(data) < _READ and incoming() == 0:
                     break
         self._flushSendBIO()
 
