@@ -1,16 +1,18 @@
 """
-What the TLS library alone costs per 1 KiB echoed message, on one side:
-pyOpenSSL (Twisted's TLS, through cffi) against the ssl module (asyncio's),
-in memory, with no sockets and no event loop.
+What the TLS library alone costs per 1 KiB echoed message, on one side, and
+per handshake, both sides: pyOpenSSL (Twisted's TLS, through cffi) against
+the ssl module (asyncio's), in memory, with no sockets and no event loop.
 
-    python bench/tlscost.py [--messages 100000]
+    python bench/tlscost.py [--messages 100000] [--handshakes 1000]
 
 Each side of the exchange does what its server does per message: for
 pyOpenSSL what twistsock's DirectTLSProtocol calls (bio_write, recv, the
 BIO sizes, send, bio_read), for the ssl module what asyncio's sslproto
 calls (write, read until SSLWantReadError, write, read).  A client of the
 same library encrypts and decrypts the other half; the time per message is
-halved.  Run it pinned to one core (taskset -c 0).
+halved.  A handshake is the server's and the client's work together (the
+same certificate, TLS 1.3, no verification on the client), so that only the
+library differs.  Run it pinned to one core (taskset -c 0).
 """
 
 from __future__ import annotations
@@ -31,13 +33,11 @@ from twistsock import certs  # noqa: E402
 MESSAGE = b"x" * 1024
 
 
-def pyOpenSSL(pem: str, messages: int) -> float:
-    context = SSL.Context(SSL.TLS_METHOD)
-    context.use_certificate_chain_file(pem)
-    context.use_privatekey_file(pem)
-    server = SSL.Connection(context, None)
+def _pyOpenSSLPair(serverContext: SSL.Context, clientContext: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
+    """A handshaken server and client, in memory."""
+    server = SSL.Connection(serverContext, None)
     server.set_accept_state()
-    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    client = SSL.Connection(clientContext, None)
     client.set_connect_state()
 
     def pending(connection: SSL.Connection) -> bytes:
@@ -56,6 +56,26 @@ def pyOpenSSL(pem: str, messages: int) -> float:
             server.bio_write(data)
         if data := pending(server):
             client.bio_write(data)
+    return server, client
+
+
+def _pyOpenSSLContexts(pem: str) -> tuple[SSL.Context, SSL.Context]:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.use_certificate_chain_file(pem)
+    context.use_privatekey_file(pem)
+    return context, SSL.Context(SSL.TLS_METHOD)
+
+
+def pyOpenSSLHandshakes(pem: str, handshakes: int) -> float:
+    contexts = _pyOpenSSLContexts(pem)
+    start = time.perf_counter()
+    for _ in range(handshakes):
+        _pyOpenSSLPair(*contexts)
+    return (time.perf_counter() - start) / handshakes
+
+
+def pyOpenSSL(pem: str, messages: int) -> float:
+    server, client = _pyOpenSSLPair(*_pyOpenSSLContexts(pem))
     size, null = _lib.BIO_get_mem_data, _ffi.NULL
     start = time.perf_counter()
     for _ in range(messages):
@@ -72,12 +92,17 @@ def pyOpenSSL(pem: str, messages: int) -> float:
     return (time.perf_counter() - start) / messages / 2
 
 
-def sslModule(pem: str, messages: int) -> float:
+def _sslContexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     serverContext = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     serverContext.load_cert_chain(pem)
     clientContext = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     clientContext.check_hostname = False
     clientContext.verify_mode = ssl.CERT_NONE
+    return serverContext, clientContext
+
+
+def _sslPair(serverContext: ssl.SSLContext, clientContext: ssl.SSLContext):
+    """A handshaken server and client, in memory, with their BIOs."""
     serverIn, serverOut, clientIn, clientOut = (ssl.MemoryBIO() for _ in range(4))
     server = serverContext.wrap_bio(serverIn, serverOut, server_side=True)
     client = clientContext.wrap_bio(clientIn, clientOut)
@@ -91,6 +116,19 @@ def sslModule(pem: str, messages: int) -> float:
             serverIn.write(data)
         if data := serverOut.read():
             clientIn.write(data)
+    return server, client, serverIn, serverOut, clientIn, clientOut
+
+
+def sslModuleHandshakes(pem: str, handshakes: int) -> float:
+    contexts = _sslContexts(pem)
+    start = time.perf_counter()
+    for _ in range(handshakes):
+        _sslPair(*contexts)
+    return (time.perf_counter() - start) / handshakes
+
+
+def sslModule(pem: str, messages: int) -> float:
+    server, client, serverIn, serverOut, clientIn, clientOut = _sslPair(*_sslContexts(pem))
     start = time.perf_counter()
     for _ in range(messages):
         client.write(MESSAGE)
@@ -109,17 +147,24 @@ def sslModule(pem: str, messages: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--handshakes", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    cases = [
+        ("pyOpenSSL", "message per side", pyOpenSSL, args.messages),
+        ("ssl module", "message per side", sslModule, args.messages),
+        ("pyOpenSSL", "handshake, both sides", pyOpenSSLHandshakes, args.handshakes),
+        ("ssl module", "handshake, both sides", sslModuleHandshakes, args.handshakes),
+    ]
+    results: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     with tempfile.TemporaryDirectory() as directory:
         pem = str(certs.generate(directory).server)
-        results: dict[str, list[float]] = {"pyOpenSSL": [], "ssl module": []}
         for _ in range(args.rounds):  # interleaved
-            results["pyOpenSSL"].append(pyOpenSSL(pem, args.messages))
-            results["ssl module"].append(sslModule(pem, args.messages))
-    for name, seconds in results.items():
-        best = min(seconds) * 1e6
-        print(f"{name:10}  {best:5.2f} us per message per side (best of {args.rounds}: {', '.join(f'{s * 1e6:.2f}' for s in seconds)})")
+            for i, (_, _, measure, count) in enumerate(cases):
+                results[i].append(measure(pem, count))
+    for i, (name, unit, _, _) in enumerate(cases):
+        times = ", ".join(f"{s * 1e6:.2f}" for s in results[i])
+        print(f"{name:10}  {min(results[i]) * 1e6:8.2f} us per {unit} (best of {args.rounds}: {times})")
 
 
 if __name__ == "__main__":
