@@ -66,12 +66,16 @@ def _pyOpenSSLContexts(pem: str) -> tuple[SSL.Context, SSL.Context]:
     return context, SSL.Context(SSL.TLS_METHOD)
 
 
-def pyOpenSSLHandshakes(pem: str, handshakes: int) -> float:
-    contexts = _pyOpenSSLContexts(pem)
+def _handshakes(contexts, pair, handshakes: int) -> float:
+    """Seconds per handshake of C{pair(*contexts)}."""
     start = time.perf_counter()
     for _ in range(handshakes):
-        _pyOpenSSLPair(*contexts)
+        pair(*contexts)
     return (time.perf_counter() - start) / handshakes
+
+
+def pyOpenSSLHandshakes(pem: str, handshakes: int) -> float:
+    return _handshakes(_pyOpenSSLContexts(pem), _pyOpenSSLPair, handshakes)
 
 
 def pyOpenSSL(pem: str, messages: int) -> float:
@@ -120,11 +124,7 @@ def _sslPair(serverContext: ssl.SSLContext, clientContext: ssl.SSLContext):
 
 
 def sslModuleHandshakes(pem: str, handshakes: int) -> float:
-    contexts = _sslContexts(pem)
-    start = time.perf_counter()
-    for _ in range(handshakes):
-        _sslPair(*contexts)
-    return (time.perf_counter() - start) / handshakes
+    return _handshakes(_sslContexts(pem), _sslPair, handshakes)
 
 
 def sslModule(pem: str, messages: int) -> float:
