@@ -19,9 +19,9 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS, wrapServerTLS
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import IPlugin
-from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._direct import canWriteDirectly, writeDirectly
@@ -233,8 +233,8 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     the records go to the socket at once when nothing waits to be sent
     (L{writeDirectly}).  pyOpenSSL reports an empty BIO or nothing left to
     decrypt by raising an exception; the BIOs' sizes are read instead where
-    pyOpenSSL's bindings allow.  Everything else (handshake, producers, shutdown, errors) is
-    Twisted's.
+    pyOpenSSL's bindings allow.  Everything else (handshake, producers,
+    shutdown, errors) is Twisted's.
     """
 
     _direct = False
