@@ -268,7 +268,7 @@ def listen(endpoint: str, ports: list, factory=None):
 def tlsFactory(port):
     factory = port.factory
     while not isinstance(factory, TLSMemoryBIOFactory):
-        factory = getattr(factory, "wrappedFactory", None) or factory.wrapped
+        factory = factory.wrappedFactory
     return factory
 
 

@@ -198,25 +198,25 @@ class ProxyHeaderProtocol(Layer):
 
 
 class ProxyHeaderFactory(Factory):
-    """Wrap each protocol of C{wrapped} in a L{ProxyHeaderProtocol}."""
+    """Wrap each protocol of C{wrappedFactory} in a L{ProxyHeaderProtocol}."""
 
     noisy = False
 
-    def __init__(self, wrapped: IProtocolFactory) -> None:
-        self.wrapped = wrapped
+    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+        self.wrappedFactory = wrappedFactory  # the name Twisted's WrappingFactory uses
 
     def doStart(self) -> None:
-        self.wrapped.doStart()
+        self.wrappedFactory.doStart()
 
     def doStop(self) -> None:
-        self.wrapped.doStop()
+        self.wrappedFactory.doStop()
 
     def logPrefix(self) -> str:
-        inner = getattr(self.wrapped, "logPrefix", None)
-        return f"{inner() if inner else type(self.wrapped).__name__} (PROXY)"
+        inner = getattr(self.wrappedFactory, "logPrefix", None)
+        return f"{inner() if inner else type(self.wrappedFactory).__name__} (PROXY)"
 
     def buildProtocol(self, addr: object) -> ProxyHeaderProtocol | None:
-        inner = self.wrapped.buildProtocol(addr)
+        inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
         protocol = ProxyHeaderProtocol(inner)

@@ -336,5 +336,5 @@ def useDirectTLS(port: Any) -> bool:
                 factory.protocol = DirectTLSProtocol
                 return True
             return False
-        factory = getattr(factory, "wrappedFactory", None) or getattr(factory, "wrapped", None)
+        factory = getattr(factory, "wrappedFactory", None)
     return False
