@@ -1,5 +1,5 @@
 """
-TLS without waiting for the reactor (twistsock.tls.DirectTLSProtocol): the
+TLS without waiting for the reactor (twistsock._tlsdirect.DirectTLSProtocol): the
 server side runs over a StringTransport, the client is a pyOpenSSL memory-BIO
 connection pumped by hand, so no reactor runs and every byte is seen.
 """
@@ -15,12 +15,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
-import twistsock.tls
+import twistsock._tlsdirect
 from twistsock import certs
 from twistsock.connection import ConnectionFactory, transportOf
 from twistsock.listen import ListeningService, ListenSpec
 from twistsock.services import ServiceFactory
-from twistsock.tls import DirectTLSProtocol, privateCertificate, useDirectTLS
+from twistsock._tlsdirect import DirectTLSProtocol, useDirectTLS
+from twistsock.tls import privateCertificate
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def test_abort_while_delivering_discards_the_held_reply(material):
 def bioSize(request, monkeypatch):
     """Both ways of finding a BIO empty: its size, or pyOpenSSL's WantReadError."""
     if request.param == "BIO size unknown":
-        monkeypatch.setattr(twistsock.tls, "_memoryBIOSize", None)
+        monkeypatch.setattr(twistsock._tlsdirect, "_memoryBIOSize", None)
 
 
 def test_several_records_in_one_read_are_all_delivered(material, bioSize):
@@ -210,7 +211,7 @@ def test_several_records_in_one_read_are_all_delivered(material, bioSize):
 def test_a_record_longer_than_one_read_is_delivered_whole(material, monkeypatch):
     # OpenSSL keeps the rest of a record that did not fit the read (and the
     # BIO is empty by then): the loop must read again.
-    monkeypatch.setattr(twistsock.tls, "_READ", 1000)
+    monkeypatch.setattr(twistsock._tlsdirect, "_READ", 1000)
     session = Session(material, App())
     session.toServer(session.send(b"x" * 5000))
     assert b"".join(session.app.received) == b"x" * 5000

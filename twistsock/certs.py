@@ -4,7 +4,7 @@ client certificate, generated with C{cryptography}.
 
 The CA's private key is used once, to sign the two certificates, and never
 written to disk: nobody can mint more certificates that the CA vouches for.
-Making new ones means making a new CA (C{--force}).
+Making new ones (renewing them) means making a new CA (C{--force}).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import idna
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,8 +26,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 #: The names every server certificate carries.
 DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 CLIENT_NAME = "twistsock client"
-#: How long the certificates are valid, in days.
-VALID_DAYS = 825
+#: How long the server and client certificates are valid, in days, unless
+#: told otherwise: under Mozilla's intermediate limit (less than 366) and
+#: Apple's (398).  Mozilla's modern profile wants 90 or fewer.
+VALID_DAYS = 365
+#: The most a leaf may be given.
+MAX_DAYS = 365
+#: How long the CA is valid: longer than any leaf it signs.
+CA_DAYS = 10 * 365
 
 FILES = ("ca.pem", "server.pem", "client.pem")
 
@@ -44,19 +52,21 @@ class CertificatesExist(Exception):
     """Some of the files exist and C{force} was not given."""
 
 
-def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = False) -> Generated:
+def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = False, days: int = VALID_DAYS) -> Generated:
     """
     Write C{ca.pem}, C{server.pem} (key and certificate, for C{DEFAULT_NAMES}
     and C{names}) and C{client.pem} (key and certificate) into C{directory}.
-    Files holding keys are mode 0600.
+    The server and client certificates are valid for C{days} days, the CA
+    for L{CA_DAYS}.  Files holding keys are mode 0600.
 
     @raise CertificatesExist: a file exists and C{force} is false.
-    @raise ValueError: an empty name.
+    @raise ValueError: a name that is neither a host name nor an IP address,
+        or C{days} out of range.
     """
     directory = Path(directory)
-    allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *names]))
-    if any(not name.strip() for name in allNames):
-        raise ValueError("a certificate name must not be empty")
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)")
+    allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *(hostName(n) for n in names)]))
     paths = [directory / name for name in FILES]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
@@ -66,7 +76,7 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     caKey = ec.generate_private_key(ec.SECP256R1())
     caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"twistsock local CA {now:%Y-%m-%d %H:%M:%S}")])
     ca = (
-        _builder(caName, caName, caKey.public_key(), now)
+        _builder(caName, caName, caKey.public_key(), now, CA_DAYS)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_usage(certSign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False)
@@ -77,7 +87,7 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
         builder = (
-            _builder(subject, ca.subject, key.public_key(), now)
+            _builder(subject, ca.subject, key.public_key(), now, days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_usage(certSign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
@@ -97,16 +107,54 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     return Generated(*paths, names=allNames)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime, days: int) -> x509.CertificateBuilder:
+    # Five minutes back for clocks a little behind; the life span is still exactly `days`.
+    start = now - datetime.timedelta(minutes=5)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
     )
+
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def hostName(name: str) -> str:
+    """
+    A name as a certificate carries it: an IP address, or a DNS name in lower
+    case with Unicode labels as IDNA A-labels (C{bücher.example} is
+    C{xn--bcher-kva.example}); C{*.} may stand first.
+
+    @raise ValueError: neither.
+    """
+    text = name.strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    wildcard = labels[0] == "*" and len(labels) > 1
+    out = ["*"] if wildcard else []
+    for label in labels[1:] if wildcard else labels:
+        if label.isascii():
+            label = label.lower()
+        else:
+            try:
+                label = idna.encode(label, uts46=True).decode("ascii")
+            except idna.IDNAError:
+                label = ""  # not a label: refused below
+        if not _LABEL.match(label):
+            out = []
+            break
+        out.append(label)
+    if not out or len(".".join(out)) > 253:
+        raise ValueError(f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address")
+    return ".".join(out)
 
 
 def _usage(certSign: bool) -> x509.KeyUsage:

@@ -93,7 +93,8 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     certs = commands.add_parser("certs", help="Make a local CA, a server and a client certificate.", description=certsModule.__doc__.strip().splitlines()[0])
     certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: certs)")  # no %(default)s: parse_intermixed_args hides positional defaults from --help
     certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
-    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.add_argument("--days", type=_size, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
+    certs.add_argument("--force", action="store_true", help="replace existing files (this is also how to renew them: a new CA each time)")
     return parser, commands
 
 
@@ -155,12 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _certs(args: argparse.Namespace) -> None:
     try:
-        made = certsModule.generate(args.directory, args.name, force=args.force)
+        made = certsModule.generate(args.directory, args.name, force=args.force, days=args.days)
     except (certsModule.CertificatesExist, ValueError, OSError) as e:
         sys.stderr.write(f"twistsock: {e}\n")
         raise SystemExit(1)
     print(f"{made.ca}: the local CA certificate (trust it with --ca)")
-    print(f"{made.server}: server key and certificate for {', '.join(made.names)}")
+    print(f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} days")
     print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
 

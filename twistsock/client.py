@@ -36,7 +36,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -442,8 +441,8 @@ class _UntilClose(_Exchange):
 
 
 def _lost(reason: Failure) -> ClientError:
-    if reason.check(VerificationError):
-        return CertificateError("certificate verification failed: the certificate is not for this host")
+    if reason.check(tls.VerificationFailed):
+        return CertificateError(f"certificate verification failed: {reason.value}")
     if reason.check(SSL.Error):
         text = errorText(reason.value)
         if "certificate verify failed" in text:
@@ -475,6 +474,8 @@ def endpoint(
         from twisted.internet import reactor  # type: ignore[no-redef]
     if isinstance(target, str) and target.startswith("tls:"):
         return _tlsEndpoint(reactor, target, timeout, ca, cert)
+    if isinstance(target, str) and target.startswith("ssl:"):
+        raise ValueError(f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)")
     if ca or cert:
         raise ValueError("a CA or client certificate needs a tls:HOST:PORT target")
     if IStreamClientEndpoint.providedBy(target):

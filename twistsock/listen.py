@@ -18,7 +18,7 @@ from typing import Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from .endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +28,7 @@ from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
 from .metrics import Tallies, metricsSite, tallies
 from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory
-from .tls import checkSNIDirectory, useDirectTLS
+from ._tlsdirect import useDirectTLS
 from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
 
 DEFAULT_SERVICE = "echo"
@@ -84,8 +84,6 @@ def checkEndpoint(endpoint: str) -> None:
     """
     _, kind, rest = unwrap(endpoint)
     try:
-        if kind == "tls" and rest:
-            checkSNIDirectory(splitEndpoint(rest)[0])
         if kind in _PORTED:
             _checkPort(rest)
         # Endpoint parsers only record the reactor; parsing with a stand-in

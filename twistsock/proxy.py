@@ -20,7 +20,7 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import serverFromString
+from .endpoints import serverFromString
 from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorSocket,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
+from .endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.python import usage
 

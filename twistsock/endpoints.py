@@ -1,0 +1,66 @@
+"""
+Server endpoint strings as twistsock reads them: Twisted's, except that
+C{ssl:}, C{tls:} and C{mtls:} are twistsock's TLS (L{twistsock.tls}), with
+Mozilla's profiles and no ALPN trouble, wherever they stand (C{proxy:ssl:...},
+under C{--workers} too).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from .tls import SERVERS
+
+
+def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    Build a server endpoint from its string.
+
+    @raise ValueError: a twistsock TLS endpoint with bad or unknown arguments.
+    """
+    kind, _, rest = description.partition(":")
+    build = SERVERS.get(kind)
+    if build is None:
+        return endpoints.serverFromString(reactor, description)
+    args, kwargs = parseArguments(rest)
+    try:
+        inspect.signature(build).bind(reactor, *args, **kwargs)
+    except TypeError as e:
+        known = [name for name in inspect.signature(build).parameters if name != "reactor"]
+        raise ValueError(f"{kind}: {e} (it takes {', '.join(known)})") from None
+    return build(reactor, *args, **kwargs)
+
+
+def parseArguments(text: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint's arguments as Twisted does: at colons, each
+    C{key=value} a keyword; a backslash escapes the next character.
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    if not text:
+        return args, kwargs
+    key, current, chars = None, [], iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == "=" and key is None:
+            key, current = "".join(current), []
+        elif char == ":":
+            _add(args, kwargs, key, "".join(current))
+            key, current = None, []
+        else:
+            current.append(char)
+    _add(args, kwargs, key, "".join(current))
+    return args, kwargs
+
+
+def _add(args: list[str], kwargs: dict[str, str], key: str | None, value: str) -> None:
+    if key is None:
+        args.append(value)
+    else:
+        kwargs[key] = value
