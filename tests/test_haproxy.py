@@ -153,3 +153,14 @@ def test_a_proxy_port_refuses_a_client_without_a_header(stack):
             pass
     (line,) = server.waitFor(rf"127\.0\.0\.1:{me} refused: malformed v1 header")
     assert "6.6.6.6" not in "\n".join(l for l in server.lines if "Connection" in l and "->" in l)
+
+
+def test_sslyze_through_haproxy_finds_proxy_tls_endpoints_compliant(stack):
+    """sslyze cannot send a PROXY header; HAProxy in TCP pass-through does, as in production."""
+    from test_tls_peers import sslyze
+
+    fronts, server, m = stack
+    result = sslyze("--mozilla_config=intermediate", f"--certinfo_ca_file={m.ca}", f"localhost:{fronts['tls']}{{127.0.0.1}}")
+    assert result.returncode == 0 and "OK - Compliant." in result.stdout, result.stdout
+    result = sslyze("--mozilla_config=intermediate", f"--certinfo_ca_file={m.ca}", f"--cert={m.client}", f"--key={m.client}", f"localhost:{fronts['mtls']}{{127.0.0.1}}")
+    assert result.returncode == 0 and "OK - Compliant." in result.stdout, result.stdout

@@ -156,3 +156,129 @@ def test_sni_directory_with_a_ca_root_loads_and_leaves_the_root_out_of_the_chain
         parseListen(f"proxy:tls:{tmp_path / 'missing'}:port=0")
 
 
+
+def test_leaves_live_365_days_by_default_and_the_ca_outlives_them(tmp_path):
+    made = certs.generate(tmp_path / "a")
+    ca, server, clientCert = load(made.ca), load(made.server), load(made.client)
+    for leaf in (server, clientCert):
+        assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 365
+        assert ca.not_valid_after_utc > leaf.not_valid_after_utc
+    short = load(certs.generate(tmp_path / "b", days=90).server)
+    assert (short.not_valid_after_utc - short.not_valid_before_utc).days == 90
+    for days in (0, 366, 825):
+        with pytest.raises(ValueError, match="--days must be from 1 to 365"):
+            certs.generate(tmp_path / "c", days=days)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Example.TEST", "example.test"),
+        ("example.test.", "example.test"),
+        ("*.Example.test", "*.example.test"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("192.0.2.1", "192.0.2.1"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("a-b.c1", "a-b.c1"),
+    ],
+)
+def test_certificate_names_are_host_names_in_ascii(name, expected):
+    assert certs.hostName(name) == expected
+
+
+@pytest.mark.parametrize("name", ["a b", "user@example.com", "", " ", "-a.test", "a-.test", "a..test", "a" * 64 + ".test", "*", "a.*.test", "x_y.test", "\x1b[31m.test"])
+def test_names_that_are_not_host_names_are_refused(name):
+    with pytest.raises(ValueError, match="is neither a host name"):
+        certs.hostName(name)
+
+
+def test_certs_command_refuses_a_bad_name_in_one_line(tmp_path):
+    result = twistsock("certs", str(tmp_path / "d"), "--name", "user@example.com")
+    assert result.returncode == 1
+    assert result.stderr == b"twistsock: 'user@example.com' is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address\n"
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "endpoint, message",
+    [
+        ("ssl:0:privateKey={m.server}:profile=old", "unknown TLS profile 'old' \\(known: intermediate, modern\\)"),
+        ("ssl:0:privateKey={m.server}:sslmethod=TLSv1_METHOD", "ssl: got an unexpected keyword argument 'sslmethod' \\(it takes port, privateKey"),
+        ("tls:{m.sni}:port=0:profile=old", "unknown TLS profile"),
+        ("mtls:0:privateKey={m.server}:clientCA={m.ca}:profile=", "unknown TLS profile ''"),
+        ("ssl:0:privateKey={m.client}:certKey={m.server}", "is not the key of the certificate"),
+    ],
+)
+def test_tls_endpoint_options_are_checked_before_listening(material, endpoint, message):
+    sni = Path(material.server).parent / "sni-only"
+    sni.mkdir(exist_ok=True)
+    (sni / "server.pem").write_bytes(material.server.read_bytes())
+    from types import SimpleNamespace
+
+    m = SimpleNamespace(server=material.server, client=material.client, ca=material.ca, sni=sni)
+    with pytest.raises(ValueError, match=message):
+        parseListen(endpoint.format(m=m))
+
+
+def handshake(server, client) -> None:
+    """Drive two memory-BIO connections until both finish the handshake (or one raises)."""
+    from OpenSSL import SSL
+
+    for _ in range(20):
+        done = 0
+        for connection, peer in ((client, server), (server, client)):
+            try:
+                connection.do_handshake()
+                done += 1
+            except SSL.WantReadError:
+                pass
+            try:
+                peer.bio_write(connection.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if done == 2:
+            return
+    raise AssertionError("no handshake")
+
+
+@pytest.mark.parametrize("profile, tls12", [("intermediate", True), ("modern", False)])
+def test_profiles_set_the_versions_and_the_suites_and_select_no_alpn(material, profile, tls12):
+    from OpenSSL import SSL
+
+    server = SSL.Connection(tls.serverContext(tls.loadIdentity(str(material.server)), profile))
+    ciphers = server.get_cipher_list()
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in ciphers and not [c for c in ciphers if "CBC" in c or "CCM" in c or c.endswith("-SHA")]
+    server.set_accept_state()
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.set_alpn_protos([b"h2", b"http/1.1"])
+    client = SSL.Connection(context)
+    client.set_connect_state()
+    if tls12:
+        handshake(server, client)
+        assert client.get_protocol_version_name() == "TLSv1.2" and client.get_alpn_proto_negotiated() == b""
+    else:
+        with pytest.raises(SSL.Error, match="unsupported protocol|protocol version"):
+            handshake(server, client)
+
+
+def test_an_identity_chain_leaves_out_a_root(material, tmp_path):
+    bundle = tmp_path / "fullchain.pem"
+    bundle.write_bytes(material.server.read_bytes() + material.ca.read_bytes())
+    identity = tls.loadIdentity(str(bundle))
+    assert identity.chain == ()
+    assert identity.names() == ["localhost"]
+
+
+def test_sni_lookup_ignores_case_and_a_trailing_dot_and_knows_wildcards(tmp_path):
+    from twistsock.tls import SNIDirectory
+
+    made = certs.generate(tmp_path / "w", ["*.wild.test"])
+    directory = tmp_path / "sni"
+    directory.mkdir()
+    (directory / "w.pem").write_bytes(made.server.read_bytes())
+    sni = SNIDirectory(str(directory))
+    for name in ("localhost", "LocalHost.", "a.wild.test", "A.WILD.TEST."):
+        assert sni.lookup(name) is sni.default, name
+    for name in ("wild.test", "a.b.wild.test", "unknown.test", ""):
+        assert sni.lookup(name) is None, name

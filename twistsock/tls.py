@@ -177,9 +177,9 @@ def loadIdentity(privateKey: str, certKey: str | None = None, extraCertChain: st
     chain = found[1:] + (_loadCertificates(_read(extraCertChain, "certificate chain"), extraCertChain) if extraCertChain else [])
     identity = Identity(key, found[0], tuple(c for c in chain if not _selfSigned(c)))
     context = SSL.Context(SSL.TLS_METHOD)
-    context.use_certificate(identity.certificate)
-    context.use_privatekey(identity.key)
     try:
+        context.use_certificate(identity.certificate)
+        context.use_privatekey(identity.key)
         context.check_privatekey()
     except SSL.Error:
         raise ValueError(f"the private key in {privateKey} is not the key of the certificate in {certKey or privateKey}") from None
