@@ -40,6 +40,7 @@ def test_split_target_errors(words):
         (["echo", "tcp:127.0.0.1:1", "--size", "-1"], "must be 0 or more"),
         (["echo", "tcp:127.0.0.1:1", "x", "--size", "3"], "either a MESSAGE or --size"),
         (["upper", "tcp:127.0.0.1:1", "--timeout", "0", "x"], "must be more than 0"),
+        (["echo", "ssl:localhost:3443", "x"], "ssl: targets do not check the server's certificate; use tls:HOST:PORT"),
     ],
 )
 def test_usage_errors_exit_64_with_one_message(argv, message, capsys):
@@ -48,6 +49,7 @@ def test_usage_errors_exit_64_with_one_message(argv, message, capsys):
     assert exited.value.code == 64
     err = capsys.readouterr().err
     assert message in err
+    assert err.count("\n") == 1 and err.endswith(" --help shows the usage)\n"), err
     assert "Traceback" not in err
 
 

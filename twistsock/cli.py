@@ -44,11 +44,13 @@ _ENDPOINT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*:")
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors exit with 64 (EX_USAGE, as `twist` does), not 2: 2 is "unknown host"."""
+    """
+    Usage errors are one line and exit with 64 (EX_USAGE, as `twist` does),
+    not 2: 2 is "unknown host".
+    """
 
     def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        self.exit(64, f"{self.prog}: error: {message}\n")
+        self.exit(64, f"{self.prog}: error: {message} ({self.prog} --help shows the usage)\n")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[_Parser, argparse.Namespace]:

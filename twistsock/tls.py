@@ -231,6 +231,9 @@ def serverContext(identity: Identity, profile: str = DEFAULT_PROFILE, clientCAs:
         context.add_extra_chain_cert(certificate)
     # Sessions resumed across contexts must share this; client certificates need it.
     context.set_session_id(b"twistsock")
+    # Resumption by tickets only: a server-side cache would grow with every
+    # full handshake (20,480 sessions by default), as Twisted's default avoids too.
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if clientCAs:
         store = context.get_cert_store()
         for ca in clientCAs:
