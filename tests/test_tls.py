@@ -282,3 +282,52 @@ def test_sni_lookup_ignores_case_and_a_trailing_dot_and_knows_wildcards(tmp_path
         assert sni.lookup(name) is sni.default, name
     for name in ("wild.test", "a.b.wild.test", "unknown.test", ""):
         assert sni.lookup(name) is None, name
+
+
+class _Handshaking:
+    """What SNIDirectory's servername callback sees of an OpenSSL connection."""
+
+    def __init__(self, name: bytes | None, context) -> None:
+        self.name, self.context = name, context
+
+    def get_servername(self):
+        return self.name
+
+    def get_context(self):
+        return self.context
+
+    def set_context(self, context) -> None:
+        self.context = context
+
+
+def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_path):
+    from twistsock.tls import SNIDirectory
+
+    directory = tmp_path / "sni"
+    directory.mkdir()
+    (directory / "a.pem").write_bytes(certs.generate(tmp_path / "a").server.read_bytes())
+    now = [1000.0]
+    sni = SNIDirectory(str(directory), clock=lambda: now[0])
+    default = sni.default
+    (directory / "b.pem").write_bytes(certs.generate(tmp_path / "b", ["b.test"]).server.read_bytes())
+    first = _Handshaking(b"B.test.", default)
+    sni._select(first)
+    assert first.context is not default and sni.lookup("b.test") is first.context
+
+    (directory / "c.pem").write_bytes(certs.generate(tmp_path / "c", ["c.test"]).server.read_bytes())
+    now[0] += 4.9
+    soon = _Handshaking(b"c.test", sni.default)
+    sni._select(soon)
+    assert sni.lookup("c.test") is None and soon.context is sni.default  # not yet reread
+    now[0] += 0.2
+    sni._select(soon)
+    assert sni.lookup("c.test") is soon.context is not sni.default
+
+    (directory / "d.pem").write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    now[0] += 10
+    broken = _Handshaking(b"d.test", sni.default)
+    sni._select(broken)  # a broken file is logged, the old mapping kept
+    assert broken.context is sni.default and sni.lookup("c.test") is not None
+    nameless = _Handshaking(None, sni.default)
+    sni._select(nameless)
+    assert nameless.context is sni.default

@@ -260,8 +260,8 @@ class SNIDirectory:
     served to the clients that ask for one of its DNS names (SNI): case and a
     trailing dot do not matter, and C{*.example.com} answers for one label.
     Clients that ask for no name, or a name no certificate has, get the first
-    certificate (by file name).  A name not found rereads the directory if a
-    file changed, at most every L{RESCAN} seconds.
+    certificate (by file name) that names a host.  A name not found rereads
+    the directory if a file changed, at most every L{RESCAN} seconds.
     """
 
     log = Logger()
