@@ -28,7 +28,9 @@ class Options(usage.Options):
         "Serve the classic socket services on Twisted endpoints. SERVICE is one of "
         "echo, upper, sink, ack (default echo); ENDPOINT is any Twisted server "
         "endpoint string: tcp:5000, tcp6:5000, unix:/tmp/echo.sock, ssl:..., tls:DIR, "
-        "mtls:..., proxy:ENDPOINT, systemd:..., or udp:PORT[:interface=ADDR] "
+        "mtls:..., proxy:ENDPOINT, systemd:..., or udp:PORT[:interface=ADDR]. "
+        "TLS endpoints (ssl:, tls:, mtls:) follow Mozilla's intermediate profile; "
+        "add :profile=modern for TLS 1.3 only. "
         f"With no --listen: {DEFAULT_LISTEN}."
     )
     optFlags = [
