@@ -433,3 +433,38 @@ def test_workers_serve_alpn_clients_and_pass_sslyze(material):
     finally:
         server.stop()
     assert "Traceback" not in "\n".join(server.lines)
+
+
+# -- a service that closes first closes the socket ----------------------------
+
+
+@pytest.fixture(scope="module")
+def neverIdle(material):
+    """Without an idle timeout, a socket the server failed to close would stay open for ever."""
+    args = ["--idle-timeout", "0"]
+    for spec in ("upper@ssl:0:privateKey={m.server}:interface=127.0.0.1", "ack@tls:{m.sni}:port=0:interface=127.0.0.1", "upper@mtls:0:privateKey={m.server}:clientCA={m.ca}:interface=127.0.0.1"):
+        args += ["--listen", spec.format(m=material)]
+    server = startServer(*args)
+    yield server
+    server.stop()
+    assert "Traceback" not in "\n".join(server.lines)
+
+
+@pytest.mark.parametrize("service, transport", [("upper", "ssl:"), ("ack", "tls:"), ("upper", "mtls:")])
+def test_after_the_service_closes_the_server_closes_the_socket(neverIdle, material, service, transport):
+    """Python ssl: read the reply and the server's close_notify, answer it, and see the server end TCP."""
+    (entry,) = [e for e in neverIdle.listening if e.service == service and e.endpoint.startswith(transport)]
+    key = "mtls" if transport == "mtls:" else "ssl"
+    with pythonClient(entry.port, material, key) as s:
+        s.sendall(b"closing first\n")
+        reply = b""
+        while chunk := s.recv(100):  # until the server's close_notify
+            reply += chunk
+        assert reply in (b"CLOSING FIRST\n", b"I got your message")
+        plain = s.unwrap()  # our close_notify in reply
+        assert plain.recv(1) == b""  # and the server closes TCP (the socket's timeout would raise)
+    closed = rf"{service} \w+ .* -> 127.0.0.1:{entry.port}: service closed after"
+    before = len(neverIdle.waitFor(closed))  # the Python client's
+    result = twistsock(service, f"tls:localhost:{entry.port}", "--ca", str(material.ca), *(["--cert", str(material.client)] if key == "mtls" else []), "x")
+    assert result.returncode == 0, result.stderr
+    neverIdle.waitFor(closed, count=before + 1)

@@ -117,8 +117,12 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         super().abortConnection()
 
     def _halfClose(self) -> bool:
-        """The peer sent close_notify: end the wrapped protocol's input if it can half-close; whether it could."""
-        if not IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
+        """
+        The peer sent close_notify: end the wrapped protocol's input if it can
+        half-close; whether it could.  Not once we are closing: then this is
+        the reply to our own close_notify, and the connection ends, as in Twisted.
+        """
+        if self.disconnecting or not IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
             return False
         if not self._inputEnded:
             self._inputEnded = True

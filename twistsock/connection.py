@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._format import describe, errorText, host
+from ._format import describe, errorText, host, oneLine
 from ._layer import Layer
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
@@ -363,7 +363,8 @@ class Connection(Layer):
             self._deadline = None
         certificate = self.transport.getPeerCertificate()
         if certificate is not None:
-            self.clientSubject = certificate.to_cryptography().subject.rfc4514_string()
+            # A subject may hold any character, newlines included: one line, escaped.
+            self.clientSubject = oneLine(certificate.to_cryptography().subject.rfc4514_string())
         if IHandshakeListener.providedBy(self.wrapped):
             self.wrapped.handshakeCompleted()
 
