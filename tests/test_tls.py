@@ -64,7 +64,7 @@ def test_certs_command(tmp_path):
 def test_repository_never_commits_keys():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for name in ("server.pem", "ca.pem", "client.pem", "server.key"):
+    for name in ("server.pem", "ca.pem", "client.pem", "server.key", "sni/server.pem"):
         assert subprocess.run(["git", "check-ignore", "-q", f"certs/{name}"], cwd=ROOT).returncode == 0, name
     assert subprocess.run(["git", "check-ignore", "-q", "certs/README.md"], cwd=ROOT).returncode == 1
     tracked = subprocess.run(["git", "ls-files", "certs"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -186,9 +186,12 @@ def test_certificate_names_are_host_names_in_ascii(name, expected):
     assert certs.hostName(name) == expected
 
 
-@pytest.mark.parametrize("name", ["a b", "user@example.com", "", " ", "-a.test", "a-.test", "a..test", "a" * 64 + ".test", "*", "a.*.test", "x_y.test", "\x1b[31m.test"])
+@pytest.mark.parametrize(
+    "name",
+    ["a b", "user@example.com", "", " ", "-a.test", "a-.test", "a..test", "a" * 64 + ".test", "*", "a.*.test", "x_y.test", "\x1b[31m.test", "fe80::1%eth0", "127.1", "0x7f.1", "1.2.3", "2130706433", "xn--zz"],
+)
 def test_names_that_are_not_host_names_are_refused(name):
-    with pytest.raises(ValueError, match="is neither a host name"):
+    with pytest.raises(ValueError, match="is neither a host name|cannot name an address with a scope"):
         certs.hostName(name)
 
 
@@ -331,3 +334,59 @@ def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_pat
     nameless = _Handshaking(None, sni.default)
     sni._select(nameless)
     assert nameless.context is sni.default
+
+
+def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
+    """Twisted's HostnameEndpoint refuses upper-case Unicode (IDNA 2008 without UTS 46) later, as a traceback."""
+    reactor = MemoryReactorClock()
+    for host in ("BÜCHER.example", "[::1]", "fe80::1%eth0"):
+        assert client.endpoint((host, 1), reactor=reactor) is not None
+    assert client.endpoint(("BÜCHER.example", 1), reactor=reactor)._hostBytes == b"xn--bcher-kva.example"
+    with pytest.raises(ValueError, match="'2130706433' is neither a host name"):
+        client.endpoint("tls:2130706433:3443", reactor=reactor)
+
+
+@pytest.mark.parametrize(
+    "endpoint, message",
+    [
+        ("tls::port=0", "tls: needs the directory of its keys and certificates first"),
+        ("ssl:0:privateKey={m.server}:interface=[::1]", "a ':' inside a value is written"),
+        ("ssl:0:privateKey={m.server}:extraCertChain={empty}", "certificate chain .* holds no PEM certificate"),
+        ("mtls:0:privateKey={m.server}:clientCA={m.client}", "holds CN=twistsock client, which is not a CA certificate"),
+    ],
+)
+def test_tls_endpoint_mistakes_found_in_trials_are_one_clear_error(material, tmp_path, endpoint, message):
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=message):
+        parseListen(endpoint.format(m=material, empty=empty))
+
+
+def test_a_chain_given_twice_is_sent_once(material, tmp_path):
+    # A stand-in intermediate: any certificate that is not a root will do for the chain's bookkeeping.
+    intermediate = load(material.client)
+    bundle = tmp_path / "fullchain.pem"
+    chainFile = tmp_path / "chain.pem"
+    pem = material.client.read_bytes().split(b"-----END PRIVATE KEY-----\n", 1)[1]
+    bundle.write_bytes(material.server.read_bytes() + pem)
+    chainFile.write_bytes(pem + material.ca.read_bytes())
+    identity = tls.loadIdentity(str(bundle), extraCertChain=str(chainFile))
+    assert identity.chain == (intermediate,)
+
+
+def test_certs_refuses_an_empty_directory_a_directory_in_the_way_and_a_dangling_link(tmp_path):
+    assert twistsock("certs", "").stderr == b"twistsock: the directory for the certificates must not be empty\n"
+    (tmp_path / "a" / "client.pem").mkdir(parents=True)
+    result = twistsock("certs", str(tmp_path / "a"), "--force")
+    assert result.returncode == 1 and result.stderr == f"twistsock: {tmp_path / 'a' / 'client.pem'} is a directory\n".encode()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["client.pem"], "nothing written, nothing left behind"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ca.pem").symlink_to(tmp_path / "nowhere")
+    assert twistsock("certs", str(tmp_path / "b")).returncode == 1
+    assert (tmp_path / "b" / "ca.pem").is_symlink()
+
+
+@pytest.mark.parametrize("days, message", [("-1", b"must be from 1 to 365"), ("366", b"must be from 1 to 365"), ("abc", b"'abc' is not a whole number")])
+def test_certs_days_out_of_range_is_a_usage_error(tmp_path, days, message):
+    result = twistsock("certs", str(tmp_path / "c"), "--days", days)
+    assert result.returncode == 64 and message in result.stderr and result.stderr.count(b"\n") == 1

@@ -63,14 +63,19 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     @raise ValueError: a name that is neither a host name nor an IP address,
         or C{days} out of range.
     """
+    if not str(directory).strip():
+        raise ValueError("the directory for the certificates must not be empty")
     directory = Path(directory)
     if not 1 <= days <= MAX_DAYS:
         raise ValueError(f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)")
     allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *(hostName(n) for n in names)]))
     paths = [directory / name for name in FILES]
-    existing = [str(p) for p in paths if p.exists()]
+    existing = [str(p) for p in paths if os.path.lexists(p)]  # a dangling link too
     if existing and not force:
         raise CertificatesExist(f"{', '.join(existing)} already exist (use --force to replace them)")
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory")
 
     now = datetime.datetime.now(datetime.timezone.utc)
     caKey = ec.generate_private_key(ec.SECP256R1())
@@ -101,9 +106,7 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     client = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH, None)
 
     directory.mkdir(parents=True, exist_ok=True)
-    _write(paths[0], _pem(ca), 0o644)
-    _write(paths[1], _keyPem(server[0]) + _pem(server[1]), 0o600)
-    _write(paths[2], _keyPem(client[0]) + _pem(client[1]), 0o600)
+    _writeAll({paths[0]: (_pem(ca), 0o644), paths[1]: (_keyPem(server[0]) + _pem(server[1]), 0o600), paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600)})
     return Generated(*paths, names=allNames)
 
 
@@ -124,36 +127,42 @@ def _builder(subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime,
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
-def hostName(name: str) -> str:
+def hostName(name: str, *, wildcard: bool = True, scoped: bool = False) -> str:
     """
     A name as a certificate carries it: an IP address, or a DNS name in lower
-    case with Unicode labels as IDNA A-labels (C{bücher.example} is
-    C{xn--bcher-kva.example}); C{*.} may stand first.
+    case with Unicode labels as IDNA A-labels (C{Bücher.example} is
+    C{xn--bcher-kva.example}); C{*.} may stand first if C{wildcard}.  An IPv6
+    address may have a scope (C{%eth0}) only if C{scoped}: a certificate
+    cannot carry one.
 
-    @raise ValueError: neither.
+    @raise ValueError: neither; or a name whose last label is a number
+        (C{127.1}, C{2130706433}): such names are read as IPv4 addresses.
     """
     text = name.strip()
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         pass
+    else:
+        if getattr(address, "scope_id", None) and not scoped:
+            raise ValueError(f"{name!r}: a certificate cannot name an address with a scope (%{address.scope_id})")
+        return str(address)
+    refused = ValueError(f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address")
     labels = text.rstrip(".").split(".")
-    wildcard = labels[0] == "*" and len(labels) > 1
-    out = ["*"] if wildcard else []
-    for label in labels[1:] if wildcard else labels:
-        if label.isascii():
-            label = label.lower()
-        else:
-            try:
-                label = idna.encode(label, uts46=True).decode("ascii")
-            except idna.IDNAError:
-                label = ""  # not a label: refused below
+    star = wildcard and labels[0] == "*" and len(labels) > 1
+    out = ["*"] if star else []
+    for label in labels[1:] if star else labels:
+        try:
+            label = label.lower() if label.isascii() else idna.encode(label, uts46=True).decode("ascii")
+            if label.startswith("xn--"):
+                idna.decode(label)  # an A-label must decode
+        except (idna.IDNAError, UnicodeError):
+            raise refused from None
         if not _LABEL.match(label):
-            out = []
-            break
+            raise refused
         out.append(label)
-    if not out or len(".".join(out)) > 253:
-        raise ValueError(f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address")
+    if out[-1].isdigit() or len(".".join(out)) > 253:
+        raise refused
     return ".".join(out)
 
 
@@ -186,15 +195,24 @@ def _keyPem(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write C{data} to a new file with C{mode} from the start, then move it into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _writeAll(files: dict[Path, tuple[bytes, int]]) -> None:
+    """
+    Write every file under a temporary name with its mode from the start,
+    then move them all into place: a failure while writing leaves the old
+    files as they were.
+    """
+    temporaries: dict[Path, Path] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(temporary, mode)  # the umask may have narrowed it
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        for path, (data, mode) in files.items():
+            temporary = temporaries[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(temporary, mode)  # the umask may have narrowed it
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {e.filename}: {e.strerror}") from None
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)

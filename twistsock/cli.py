@@ -92,25 +92,44 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
     datagram = command("udp", "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.", "MESSAGE", tls=False)
     datagram.add_argument("--retries", type=_size, default=client.DEFAULT_RETRIES, help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)")
-    certs = commands.add_parser("certs", help="Make a local CA, a server and a client certificate.", description=certsModule.__doc__.strip().splitlines()[0])
+    certs = commands.add_parser(
+        "certs",
+        help="Make a local CA, a server and a client certificate.",
+        description="Make a local CA (ca.pem), a server key and certificate (server.pem) and a client key and certificate (client.pem). "
+        "The CA's key signs the two and is never written: renewing means making all three again (--force).",
+    )
     certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: certs)")  # no %(default)s: parse_intermixed_args hides positional defaults from --help
     certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
-    certs.add_argument("--days", type=_size, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
+    certs.add_argument("--days", type=_days, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
     certs.add_argument("--force", action="store_true", help="replace existing files (this is also how to renew them: a new CA each time)")
     return parser, commands
 
 
+def _number(text: str, kind: type) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
 
 
 def _size(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _days(text: str) -> int:
+    value = int(_number(text, int))
+    if not 1 <= value <= certsModule.MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {certsModule.MAX_DAYS} (Mozilla's intermediate profile allows less than 366)")
     return value
 
 

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import tls
+from .certs import hostName
 from ._format import errorText, splitHostTarget
 
 __all__ = [
@@ -484,7 +485,9 @@ def endpoint(
         host, port = target
         if not 0 < int(port) < 65536:
             raise ValueError(f"port {port} is not between 1 and 65535")
-        return HostnameEndpoint(reactor, host, int(port), timeout=timeout)
+        if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
+            host = host[1:-1]
+        return HostnameEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout=timeout)
     try:
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target

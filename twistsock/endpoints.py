@@ -27,6 +27,8 @@ def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
     if build is None:
         return endpoints.serverFromString(reactor, description)
     args, kwargs = parseArguments(rest)
+    if len(args) > 1:
+        raise ValueError(f"{kind}: unexpected {args[1]!r}: a ':' inside a value is written '\\:' (interface=\\:\\:1)")
     try:
         inspect.signature(build).bind(reactor, *args, **kwargs)
     except TypeError as e:

@@ -57,6 +57,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ._format import oneLine, splitHostTarget
+from .certs import hostName
 
 #: The server profiles, by the name C{profile=} takes; the first is the default.
 PROFILES = ("intermediate", "modern")
@@ -169,13 +170,14 @@ def loadIdentity(privateKey: str, certKey: str | None = None, extraCertChain: st
     certPEM = _read(certKey, "certificate") if certKey else keyPEM
     found = _loadCertificates(certPEM, certKey or privateKey)
     if not found:
-        raise ValueError(f"{certKey or privateKey} holds no certificate (give certKey=FILE)")
+        raise ValueError(f"{certKey or privateKey} holds no PEM certificate")
     blocks = _KEY.findall(keyPEM)
     if not blocks:
         raise ValueError(f"{privateKey} holds no private key")
     key = _loadKey(blocks[0], privateKey)
-    chain = found[1:] + (_loadCertificates(_read(extraCertChain, "certificate chain"), extraCertChain) if extraCertChain else [])
-    identity = Identity(key, found[0], tuple(c for c in chain if not _selfSigned(c)))
+    chain = found[1:] + (certificates(extraCertChain, "certificate chain") if extraCertChain else [])
+    # Once each, and never a root: a client must already have the root.
+    identity = Identity(key, found[0], tuple(c for c in dict.fromkeys(chain) if not _selfSigned(c) and c != found[0]))
     context = SSL.Context(SSL.TLS_METHOD)
     try:
         context.use_certificate(identity.certificate)
@@ -188,6 +190,13 @@ def loadIdentity(privateKey: str, certKey: str | None = None, extraCertChain: st
 
 def _selfSigned(certificate: x509.Certificate) -> bool:
     return certificate.subject == certificate.issuer
+
+
+def _isCA(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 # -- servers ------------------------------------------------------------------
@@ -383,8 +392,10 @@ def sslServer(
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
 
 
-def sniServer(reactor: Any, path: str, port: str = "443", backlog: str = "50", interface: str = "::", profile: str = DEFAULT_PROFILE) -> IStreamServerEndpoint:
+def sniServer(reactor: Any, path: str = "", port: str = "443", backlog: str = "50", interface: str = "::", profile: str = DEFAULT_PROFILE) -> IStreamServerEndpoint:
     """C{tls:DIR[:port=443][:interface=ADDR][:backlog=N][:profile=NAME]}; binds C{::} by default."""
+    if not path:
+        raise ValueError("tls: needs the directory of its keys and certificates first: tls:DIR[:port=443]")
     return wrapServerTLS(SNIDirectory(path, profile).creator(), _tcpServer(reactor, port, interface, backlog))
 
 
@@ -403,6 +414,9 @@ def mtlsServer(
     if privateKey is None or clientCA is None:
         raise ValueError("mtls: needs privateKey=FILE and clientCA=FILE")
     cas = certificates(clientCA, "clientCA file")
+    for ca in cas:
+        if not _selfSigned(ca) and not _isCA(ca):
+            raise ValueError(f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA certificate: clientCA names the CA that signed the clients' certificates")
     context = serverContext(loadIdentity(privateKey, certKey, extraCertChain), profile, cas)
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
 
@@ -569,6 +583,7 @@ def clientEndpoint(
     certificate and, unless C{privateKey} names another file, its key.
     C{host} may be a name or an IPv4 or IPv6 literal.
     """
+    host = hostName(host, wildcard=False, scoped=True)
     trust = _trusted(ca) if ca else None
     identity = loadIdentity(privateKey or cert, cert) if cert else None
     tcp = HostnameEndpoint(reactor, host, int(port), timeout=timeout, bindAddress=(bindAddress, 0) if bindAddress else None)
