@@ -2,7 +2,7 @@
 Server endpoint strings as twistsock reads them: Twisted's, except that
 C{ssl:}, C{tls:} and C{mtls:} are twistsock's TLS (L{twistsock.tls}), with
 Mozilla's profiles and no ALPN trouble, wherever they stand (C{proxy:ssl:...},
-under C{--workers} too).
+Twisted's C{haproxy:ssl:...}, under C{--workers} too).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.protocols.haproxy import proxyEndpoint
 
 from .tls import SERVERS
 
@@ -23,6 +24,9 @@ def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
     @raise ValueError: a twistsock TLS endpoint with bad or unknown arguments.
     """
     kind, _, rest = description.partition(":")
+    if kind == "haproxy" and rest:
+        # Twisted's own PROXY wrapper, around our endpoint (haproxy:ssl:...).
+        return proxyEndpoint(serverFromString(reactor, rest))
     build = SERVERS.get(kind)
     if build is None:
         return endpoints.serverFromString(reactor, description)
