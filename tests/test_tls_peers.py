@@ -9,7 +9,6 @@ certificates with no or the wrong subjectAltName made here with
 from __future__ import annotations
 
 import datetime
-import os
 import select
 import shutil
 import socket
