@@ -197,8 +197,11 @@ def test_names_that_are_not_host_names_are_refused(name):
 
 def test_certs_command_refuses_a_bad_name_in_one_line(tmp_path):
     result = twistsock("certs", str(tmp_path / "d"), "--name", "user@example.com")
-    assert result.returncode == 1
-    assert result.stderr == b"twistsock: 'user@example.com' is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address\n"
+    assert result.returncode == 64
+    assert result.stderr == (
+        b"twistsock certs: error: argument --name: 'user@example.com' is neither a host name (letters, digits and hyphens in labels "
+        b"between dots) nor an IP address (twistsock certs --help shows the usage)\n"
+    )
     assert not (tmp_path / "d").exists()
 
 
@@ -353,6 +356,9 @@ def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
         ("ssl:0:privateKey={m.server}:interface=[::1]", "a ':' inside a value is written"),
         ("ssl:0:privateKey={m.server}:extraCertChain={empty}", "certificate chain .* holds no PEM certificate"),
         ("mtls:0:privateKey={m.server}:clientCA={m.client}", "holds CN=twistsock client, which is not a CA certificate"),
+        ("mtls:0:privateKey={m.server}:clientCA=", "mtls: clientCA= needs a file name"),
+        ("ssl:0:privateKey={m.server}:certKey=", "ssl: certKey= needs a file name"),
+        ("ssl:0:privateKey={m.server}:extraCertChain=", "ssl: extraCertChain= needs a file name"),
     ],
 )
 def test_tls_endpoint_mistakes_found_in_trials_are_one_clear_error(material, tmp_path, endpoint, message):
@@ -376,6 +382,8 @@ def test_a_chain_given_twice_is_sent_once(material, tmp_path):
 
 def test_certs_refuses_an_empty_directory_a_directory_in_the_way_and_a_dangling_link(tmp_path):
     assert twistsock("certs", "").stderr == b"twistsock: the directory for the certificates must not be empty\n"
+    (tmp_path / "file").write_text("")
+    assert twistsock("certs", str(tmp_path / "file")).stderr == f"twistsock: {tmp_path / 'file'} is not a directory\n".encode()
     (tmp_path / "a" / "client.pem").mkdir(parents=True)
     result = twistsock("certs", str(tmp_path / "a"), "--force")
     assert result.returncode == 1 and result.stderr == f"twistsock: {tmp_path / 'a' / 'client.pem'} is a directory\n".encode()

@@ -476,3 +476,31 @@ def test_after_the_service_closes_the_server_closes_the_socket(neverIdle, materi
     result = twistsock(service, f"tls:localhost:{entry.port}", "--ca", str(material.ca), *(["--cert", str(material.client)] if key == "mtls" else []), "x")
     assert result.returncode == 0, result.stderr
     neverIdle.waitFor(closed, count=before + 1)
+
+
+@pytest.mark.parametrize("tool", ["ncat", "socat"])
+@pytest.mark.parametrize("service, reply", [("upper", b"HELLO\n"), ("ack", b"I got your message"), ("echo", b"hello")])
+def test_ncat_and_socat_with_end_of_input_after_a_last_line_without_newline(neverIdleAll, material, tool, service, reply):
+    """ncat ends with a FIN and no close_notify, socat with both: the end of input either way, and the socket closes."""
+    port = neverIdleAll[service]
+    if tool == "ncat":
+        command = [requireTool("ncat"), "--ssl", "--ssl-verify", "--ssl-trustfile", str(material.ca), "localhost", str(port)]
+    else:
+        command = [requireTool("socat"), "-", f"OPENSSL:localhost:{port},cafile={material.ca}"]
+    result = subprocess.run(command, input=b"hello", capture_output=True, timeout=WAIT)
+    assert (result.returncode, result.stdout) == (0, reply), result.stderr
+
+
+@pytest.fixture(scope="module")
+def neverIdleAll(material):
+    args = ["--idle-timeout", "0"]
+    for service in ("upper", "ack", "echo"):
+        args += ["--listen", f"{service}@ssl:0:privateKey={material.server}:interface=127.0.0.1"]
+    server = startServer(*args)
+    yield {service: server.service(service).port for service in ("upper", "ack", "echo")}
+    log = "\n".join(server.lines)
+    server.stop()
+    assert "Traceback" not in log
+    # Every exchange ended as the peer's close, not as an error, and none waits for an idle timeout.
+    records = [line for line in log.splitlines() if " tls 127.0.0.1:" in line]
+    assert len(records) == 6 and all("peer closed after" in line for line in records), records

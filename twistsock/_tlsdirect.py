@@ -65,11 +65,15 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     that handles half-close (L{IHalfCloseableProtocol}) is told that input
     ended and may still write; our close_notify goes when it closes.  (Twisted
     closes the whole connection at once, so the reply to the last request is
-    lost.)  A FIN after the close_notify changes nothing; a FIN without one
-    is a truncated stream and loses the connection, as in Twisted.
+    lost.)  A FIN after the close_notify changes nothing.  A FIN without one,
+    after the handshake, ends the input the same way (OpenSSL's
+    C{SSL_OP_IGNORE_UNEXPECTED_EOF} for services that can half-close: ncat
+    and many scripts close so); during the handshake it loses the
+    connection, as in Twisted.
     """
 
     _inputEnded = False
+    _peerGone = False
 
     _direct = False
     _delivering = False
@@ -108,6 +112,9 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         if self._held:
             self._release()
         super()._shutdownTLS()
+        if self._peerGone and not self._lostTLSConnection:
+            # The peer sent a FIN: no close_notify will answer ours.
+            self.transport.loseConnection()
 
     def abortConnection(self) -> None:
         # Nothing more leaves: Twisted's abort discards what its transport
@@ -133,6 +140,13 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     def readConnectionLost(self) -> None:
         # The peer's FIN.
         if self._inputEnded or self._lostTLSConnection:
+            self._peerGone = True
+            return
+        if self._handshakeDone and not self.disconnecting and IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
+            # A FIN without close_notify (ncat, many scripts): the end of
+            # input too, as over TCP, once the handshake is done.
+            self._inputEnded = self._peerGone = True
+            self.wrappedProtocol.readConnectionLost()
             return
         self._tlsConnection.bio_shutdown()
         self._flushReceiveBIO()

@@ -105,6 +105,8 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     server = leaf(allNames[0], ExtendedKeyUsageOID.SERVER_AUTH, [_generalName(n) for n in allNames])
     client = leaf(CLIENT_NAME, ExtendedKeyUsageOID.CLIENT_AUTH, None)
 
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     _writeAll({paths[0]: (_pem(ca), 0o644), paths[1]: (_keyPem(server[0]) + _pem(server[1]), 0o600), paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600)})
     return Generated(*paths, names=allNames)

@@ -99,7 +99,7 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         "The CA's key signs the two and is never written: renewing means making all three again (--force).",
     )
     certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: certs)")  # no %(default)s: parse_intermixed_args hides positional defaults from --help
-    certs.add_argument("--name", action="append", default=[], help="another DNS name or IP address for the server certificate; repeatable")
+    certs.add_argument("--name", action="append", default=[], type=_certName, help="another DNS name or IP address for the server certificate; repeatable")
     certs.add_argument("--days", type=_days, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
     certs.add_argument("--force", action="store_true", help="replace existing files (this is also how to renew them: a new CA each time)")
     return parser, commands
@@ -124,6 +124,13 @@ def _size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
+
+
+def _certName(text: str) -> str:
+    try:
+        return certsModule.hostName(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _days(text: str) -> int:
@@ -182,7 +189,7 @@ def _certs(args: argparse.Namespace) -> None:
         sys.stderr.write(f"twistsock: {e}\n")
         raise SystemExit(1)
     print(f"{made.ca}: the local CA certificate (trust it with --ca)")
-    print(f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} days")
+    print(f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} day{'s' if args.days != 1 else ''}")
     print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
 

@@ -32,13 +32,20 @@ def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
         return endpoints.serverFromString(reactor, description)
     args, kwargs = parseArguments(rest)
     if len(args) > 1:
-        raise ValueError(f"{kind}: unexpected {args[1]!r}: a ':' inside a value is written '\\:' (interface=\\:\\:1)")
+        raise ValueError(f"{kind}: a ':' inside a value is written '\\:' (interface=\\:\\:1), so {':'.join(args[1:])!r} is not a key=value")
+    empty = [key for key, value in kwargs.items() if not value and key in _FILES]
+    if empty:
+        raise ValueError(f"{kind}: {empty[0]}= needs a file name")
     try:
         inspect.signature(build).bind(reactor, *args, **kwargs)
     except TypeError as e:
         known = [name for name in inspect.signature(build).parameters if name != "reactor"]
         raise ValueError(f"{kind}: {e} (it takes {', '.join(known)})") from None
     return build(reactor, *args, **kwargs)
+
+
+#: The options that name files.
+_FILES = ("privateKey", "certKey", "extraCertChain", "clientCA")
 
 
 def parseArguments(text: str) -> tuple[list[str], dict[str, str]]:
