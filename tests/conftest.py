@@ -6,6 +6,7 @@ pytest --reactor=...).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -60,21 +61,19 @@ class Server:
     process: subprocess.Popen
     json: bool = False
     lines: list[str] = field(default_factory=list)
-    #: With json=True: every event as `twist --log-format=json` wrote it.
+    #: With json=True: every event as `twist --log-format=json` wrote it (one JSON object per line).
     events: list[dict] = field(default_factory=list)
     listening: list[Listening] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     def _read(self) -> None:
-        from twisted.logger import eventFromJSON, formatEvent
-
         for raw in self.process.stdout:
             line = raw.rstrip("\n")
-            if self.json and line.startswith("\x1e"):
-                # RFC 7464: a record separator, then one JSON object.
-                event = eventFromJSON(line[1:])
+            if self.json and line.startswith("{"):
+                # JSON Lines: one flat object per line (twistsock.logs).
+                event = json.loads(line)
                 self.events.append(event)
-                line = f"[{event.get('log_namespace')}] {formatEvent(event)}"
+                line = f"[{event['namespace']}#{event['level']}] {event['text']}"
             with self._changed:
                 self.lines.append(line)
                 m = _LISTENING.search(line)

@@ -20,7 +20,7 @@ HOST = IPv4Address("TCP", "127.0.0.1", 5000)
 def records():
     observer = EventLoggingObserver()
     globalLogPublisher.addObserver(observer)
-    yield lambda: [e for e in observer if e.get("log_namespace", "") == "twistsock.connection.Connection"]
+    yield lambda namespace="twistsock.connection.Connection": [e for e in observer if e.get("log_namespace", "") == namespace]
     globalLogPublisher.removeObserver(observer)
 
 
@@ -183,8 +183,12 @@ def test_limits_total_and_per_peer(records):
     assert eWire.disconnecting
     for p in (c, e):
         close(p)
-    assert [(r["reason"], r["detail"]) for r in records()] == [("limit", "max per peer"), ("limit", "max connections")]
+    # One burst: the first refusal is recorded, the second counted, then summed up after a quiet second.
+    assert [(r["reason"], r["detail"]) for r in records()] == [("limit", "max per peer")]
     assert connections.refused == {("echo", "max per peer"): 1, ("echo", "max connections"): 1}
+    clock.advance(1)
+    (summary,) = records("twistsock.connection.Connections")
+    assert (summary["count"], summary["reasons"]) == (1, "max connections: 1")
     assert len(connections.active) == 3
     close(a)
     f, fWire = open_(connections, clock)
@@ -230,3 +234,17 @@ def test_transports_without_tcp_options_are_left_alone():
     protocol, wire = connect()  # a StringTransport has no setTcpNoDelay, like a UNIX socket
     protocol.dataReceived(b"still echoes")
     assert wire.value() == b"still echoes"
+
+
+def test_a_long_burst_of_refusals_is_summed_up_every_10_s(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxConnections=1, idleTimeout=0)
+    open_(connections, clock)
+    for _ in range(100):  # four refusals a second for 25 s
+        close(open_(connections, clock)[0])
+        clock.advance(0.25)
+    clock.advance(2)
+    summaries = [(e["count"], e["reasons"]) for e in records("twistsock.connection.Connections") if "more connections refused" in e["log_format"]]
+    # 1 recorded; 39 summed up at 10 s, 40 at 20 s, the last 20 once a second passed without one.
+    assert summaries == [(39, "max connections: 39"), (40, "max connections: 40"), (20, "max connections: 20")]
+    assert len(records()) == 1

@@ -17,7 +17,7 @@ from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
 
 
 def records(server) -> list[dict]:
-    return [e for e in server.events if e.get("log_namespace", "").startswith("twistsock.connection")]
+    return [e for e in server.events if e.get("namespace", "").startswith("twistsock.connection")]
 
 
 def test_json_record_fields_and_byte_counts():

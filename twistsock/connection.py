@@ -132,6 +132,10 @@ class Connections:
         self.closedBytesIn: Counter[str] = Counter()
         self.closedBytesOut: Counter[str] = Counter()
         self.handshakeFailures: Counter[str] = Counter()
+        # Refusals not recorded one by one (see recordRefusal).
+        self._unrecorded: Counter[str] = Counter()
+        self._burst: Any = None
+        self._lastRefusal = self._summarized = 0.0
 
     @property
     def reactor(self) -> Any:
@@ -180,6 +184,39 @@ class Connections:
             return None
         self.refused[(key[0], reason)] += 1
         return reason
+
+    #: Seconds without a refusal that end a burst of them; seconds between two summaries while one lasts.
+    BURST_QUIET = 1.0
+    BURST_SUMMARY = 10.0
+
+    def recordRefusal(self, reason: str) -> bool:
+        """
+        Whether a refused connection gets a record of its own: the first of a
+        burst does; the others are counted, and one line sums them up when a
+        second passes without a refusal (every 10 s while the burst lasts).
+        """
+        now = self.reactor.seconds()
+        self._lastRefusal = now
+        if self._burst is None:
+            self._summarized = now
+            self._burst = self.reactor.callLater(self.BURST_QUIET, self._endBurst)
+            return True
+        self._unrecorded[reason] += 1
+        return False
+
+    def _endBurst(self) -> None:
+        now = self.reactor.seconds()
+        quiet = now - self._lastRefusal >= self.BURST_QUIET
+        if self._unrecorded and (quiet or now - self._summarized >= self.BURST_SUMMARY):
+            self.log.info(
+                "{count} more connections refused in {seconds:.0f} s ({reasons})",
+                count=sum(self._unrecorded.values()),
+                seconds=max(1.0, now - self._summarized),
+                reasons=", ".join(f"{reason}: {n}" for reason, n in sorted(self._unrecorded.items())),
+            )
+            self._unrecorded.clear()
+            self._summarized = now
+        self._burst = None if quiet else self.reactor.callLater(self.BURST_QUIET, self._endBurst)
 
     def release(self, connection: Connection) -> None:
         """A connection admitted earlier has ended."""
@@ -431,6 +468,8 @@ class Connection(Layer):
         # (string.Formatter, field by field) cost more than the connection
         # itself.  Every part is still a field of its own for JSON logs.
         factory = self.factory
+        if self.why == LIMIT and not factory.connections.recordRefusal(self.detail or LIMIT):
+            return
         extra = f" ({self.detail})" if self.detail else ""
         if self.clientSubject:
             extra += f", client certificate {self.clientSubject}"

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import logs
 from ._accepts import AcceptErrors, raiseOpenFileLimit
 from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
@@ -260,6 +261,8 @@ class SocketsService(MultiService):
         self._raiseOpenFileLimit()
         self._start(super().startService)
         self.connections.start()
+        # Whatever the log still holds is written before the process ends.
+        self.reactor.addSystemEventTrigger("after", "shutdown", logs.finish)
         # The reactor installs its signal handlers as it starts: the first
         # turn of its loop is the first moment a SIGTERM stops us cleanly.
         self.reactor.callWhenRunning(self.reactor.callLater, 0, self._ready)
@@ -294,8 +297,34 @@ class SocketsService(MultiService):
             )
 
     def _ready(self) -> None:
+        self.catchSignals()
+        self.log.info("ready: {count} listening ({reactor})", count=len([c for c in self if c is not self.metrics]), reactor=type(self.reactor).__name__)
+
+    def catchSignals(self) -> None:
+        """
+        SIGTERM and SIGINT: drain and stop (the first one; see
+        L{firstSignalOnly}).  SIGHUP: reopen the log file and go on
+        (L{hangup}).  SIGUSR1, SIGUSR2: logged and ignored.  (Their default
+        action would end the process at once, without draining.)
+        """
         firstSignalOnly()
-        self.log.info("ready: {count} listening", count=len([c for c in self if c is not self.metrics]))
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup))
+        for number in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(number, lambda number, frame: self.reactor.callFromThread(self._ignored, number))
+
+    def hangup(self) -> None:
+        """SIGHUP: open the log file again by its name (for logrotate); serving goes on."""
+        try:
+            reopened = logs.current is not None and logs.current.reopen()
+        except OSError as e:
+            self.log.warn("SIGHUP: cannot reopen the log file: {error}", error=errorText(e))
+            return
+        self.log.info("SIGHUP: {what}", what="log file reopened" if reopened else "no log file to reopen (the log goes to standard output)")
+
+    def _ignored(self, number: int) -> None:
+        self.log.info("{name} ignored", name=signal.Signals(number).name)
 
     def _start(self, start: Callable[[], None]) -> None:
         try:
@@ -347,6 +376,7 @@ def _exitNow(status: int) -> None:
     """End the process with C{status} once the reactor has shut down."""
     import os
 
+    logs.finish()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from . import logs
 from .connection import Connections
 from .udp import OUTCOMES, DatagramServer
 
@@ -33,6 +34,7 @@ def tallies(connections: Connections, datagrams: Iterable[DatagramServer]) -> Ta
         "bytes_sent": dict(connections.bytesOut()),
         "tls_handshake_failures": dict(connections.handshakeFailures),
         "datagrams": {f"{d.name}\t{o}": d.counts[o] for d in datagrams for o in OUTCOMES if d.counts[o]},
+        "log_lines_dropped": {"": logs.droppedLines()},
     }
 
 
@@ -54,6 +56,7 @@ _FAMILIES = [
     ("bytes_sent", CounterMetricFamily, "Bytes sent on stream connections.", ["service"]),
     ("tls_handshake_failures", CounterMetricFamily, "TLS handshakes that failed or timed out.", ["service"]),
     ("datagrams", CounterMetricFamily, "Datagrams received, by what became of them.", ["service", "outcome"]),
+    ("log_lines_dropped", CounterMetricFamily, "Log lines dropped because the log output did not keep up.", []),
 ]
 
 
@@ -68,7 +71,7 @@ class TalliesCollector:
         for name, family, documentation, labels in _FAMILIES:
             metric = family(f"twistsock_{name}", documentation, labels=labels)
             for key, value in sorted(values.get(name, {}).items()):
-                metric.add_metric(key.split("\t"), value)
+                metric.add_metric(key.split("\t") if key else [], value)
             yield metric
 
 

@@ -10,7 +10,9 @@ L{LineService}.  What every datagram service shares lives in L{twistsock.udp}.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -93,15 +95,36 @@ class Echo(StreamService):
         self.transport.write(data)
 
 
+#: Messages one connection logs in full; the rest are counted, and one line
+#: at the end says how many (and how many bytes) were not logged.
+MESSAGE_LINES = 100
+
+
 class Sink(StreamService):
     """Log every message received and send nothing (seed 000's streamread)."""
 
     log = Logger()
+    _logged = 0
+    _unlogged = 0
+    _unloggedBytes = 0
 
     def dataReceived(self, data: bytes) -> None:
-        self.log.info("{peer} -->{message}", peer=self.peer(), message=printable(data))
+        if self._logged < MESSAGE_LINES:
+            self._logged += 1
+            self.log.info("{peer} -->{message}", peer=self.peer(), message=printable(data))
+        else:
+            self._unlogged += 1
+            self._unloggedBytes += len(data)
 
     def connectionLost(self, reason: object = None) -> None:
+        if self._unlogged:
+            self.log.info(
+                "{peer} {count} more messages ({size} bytes) not logged: {limit} a connection are",
+                peer=self.peer(),
+                count=self._unlogged,
+                size=self._unloggedBytes,
+                limit=MESSAGE_LINES,
+            )
         self.log.info("{peer} Ending connection", peer=self.peer())
 
 
@@ -212,14 +235,46 @@ def upperDatagram(data: bytes, peer: str) -> bytes:
     return data.upper()
 
 
+class DatagramQuota:
+    """
+    At most C{lines} datagram messages logged a second, over all sources; the
+    others are counted, and the first line logged after them says how many.
+    """
+
+    def __init__(self, lines: int = MESSAGE_LINES, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lines = lines
+        self.clock = clock
+        self._second = -1
+        self._used = 0
+        self._skipped = 0
+
+    def allow(self, log: Logger) -> bool:
+        second = int(self.clock())
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self.lines:
+            self._skipped += 1
+            return False
+        self._used += 1
+        if self._skipped:
+            log.info("{count} datagram messages not logged: {limit} a second are", count=self._skipped, limit=self.lines)
+            self._skipped = 0
+        return True
+
+
+datagramQuota = DatagramQuota()
+
+
 def sinkDatagram(data: bytes, peer: str) -> None:
     """Log the datagram; answer nothing."""
-    Sink.log.info("{peer} -->{message}", peer=peer, message=printable(data))
+    if datagramQuota.allow(Sink.log):
+        Sink.log.info("{peer} -->{message}", peer=peer, message=printable(data))
 
 
 def ackDatagram(data: bytes, peer: str) -> bytes:
     """Log the datagram and acknowledge it."""
-    Ack.log.info("{peer} Here is the message: {message}", peer=peer, message=printable(data.rstrip(b"\r\n")))
+    if datagramQuota.allow(Ack.log):
+        Ack.log.info("{peer} Here is the message: {message}", peer=peer, message=printable(data.rstrip(b"\r\n")))
     return ACK_REPLY
 
 

@@ -5,13 +5,14 @@ C{twist sockets}: options in, a tree of listening services out.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.application.service import IService
-from .endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.python import usage
 
-from . import connection, udp, workers
+from . import connection, logs, udp, workers
+from .endpoints import serverFromString
 from ._format import oneLine
 from .listen import ListenSpec, SocketsService, checkEndpoint, isUDP, listeningService, parseListen
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
@@ -49,6 +50,7 @@ class Options(usage.Options):
         ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", float],
         ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", float],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
+        ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", int],
         ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", int],
         ["worker", None, None, "(internal) run as worker INDEX:FD/FAMILY,...:REPORTFD of a --workers master."],
     ]
@@ -106,6 +108,22 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--metrics: {e}") from None
         if not self["listen"]:
             self.opt_listen(DEFAULT_LISTEN)
+        if self["log-buffer"] < 4096:
+            raise usage.UsageError("--log-buffer must be at least 4096")
+        self._configureTwist(getattr(self, "parent", None))
+
+    def _configureTwist(self, twist: Any) -> None:
+        """
+        Under C{twist}, which parses us before it installs the reactor and
+        starts logging: the twistsock reactor unless the user named one
+        (C{--reactor}), and the log lines of L{twistsock.logs}, in the format
+        C{twist} chose (C{--log-format}).  twistd is left as it is.
+        """
+        if twist is None or "fileLogObserverFactory" not in twist or "reactorName" not in twist:
+            return
+        if "reactor" not in twist:
+            twist["reactorName"] = "twistsock"
+        twist["fileLogObserverFactory"] = logs.observerFactory(twist.get("logFormat", "text"), self["log-buffer"])
 
 
 class ConfigurationError(SystemExit):

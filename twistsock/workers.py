@@ -141,8 +141,15 @@ class MasterService(SocketsService):
             self._spawn(index)
 
     def _ready(self) -> None:
-        firstSignalOnly()
+        self.catchSignals()
         self.log.info("ready: {count} listening, {workers} workers", count=len([c for c in self if c is not self.metrics]), workers=self.count)
+
+    def hangup(self) -> None:
+        """SIGHUP: the workers reopen their log files too."""
+        super().hangup()
+        for index, worker in self.workers.items():
+            if not worker.ended.called:
+                self._signal(index, signal.SIGHUP)
 
     def heldSockets(self) -> list[tuple[int, int]]:
         """The (fd, family) of every held stream socket, in --listen order."""
@@ -277,7 +284,7 @@ class WorkerService(SocketsService):
         self._reporter.start(REPORT_INTERVAL, now=False)
 
     def _ready(self) -> None:
-        firstSignalOnly()
+        self.catchSignals()
         self.log.info("worker {index} (pid {pid}) ready: {count} sockets", index=self.index, pid=os.getpid(), count=len(list(self)))
 
     def report(self) -> None:

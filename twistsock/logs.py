@@ -1,0 +1,268 @@
+"""
+The log of C{twist sockets}: lines that can never stop the server.
+
+C{twist} writes each event to its log file with a blocking C{write} and a
+C{flush}: a log reader that stops reading (a full pipe, a paused journald,
+C{| less}) stops the whole process, SIGTERM included.  Here the reactor only
+formats a line and appends it to a bounded buffer; a thread of its own writes
+the buffer out.  What does not fit is dropped and counted, and the count is
+logged as soon as writing resumes (and shown in C{/metrics}).  At exit the
+buffer is written out, waiting at most L{EXIT_WAIT} seconds for a reader.
+
+Lines are one event each: C{text} is C{TIME [SYSTEM] TEXT}, as C{twist}
+writes them; C{json} is one flat object per line (JSON Lines):
+C{time}, C{level}, C{namespace}, C{text}, then the event's own fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import threading
+import time
+from collections import deque
+from typing import IO, Any, Callable
+
+from twisted.logger import ILogObserver, eventAsText
+from zope.interface import implementer
+
+#: Bytes of log lines held while the output is slow; past that they are dropped.
+BUFFER_LIMIT = 4 << 20
+#: Seconds the process waits at exit for its last lines to be written.
+EXIT_WAIT = 5.0
+#: What one write() takes at most, so that lines from several processes
+#: sharing one pipe (--workers) are never interleaved (POSIX's PIPE_BUF).
+_CHUNK = 4096
+
+
+class LogOutput:
+    """
+    Lines to a file from a thread of its own, through a buffer of at most
+    C{limit} bytes.  L{write} never blocks.
+    """
+
+    def __init__(self, stream: IO[str], limit: int = BUFFER_LIMIT, summary: Callable[[int], bytes] | None = None) -> None:
+        self.stream = stream
+        self.limit = limit
+        self._summary = summary or (lambda n: f"{n} log lines dropped: the log output did not keep up\n".encode())
+        self._lines: deque[bytes] = deque()
+        self._size = 0
+        self._missed = 0  # dropped since the last line that fitted
+        #: Lines dropped in all, for the metrics.
+        self.dropped = 0
+        self._busy = False
+        self._closed = False
+        self._wake = threading.Condition()
+        self._fd = stream.fileno()
+        self._thread = threading.Thread(target=self._run, name="twistsock log", daemon=True)
+        self._thread.start()
+
+    def write(self, line: bytes) -> None:
+        """Queue one line (ending in a newline), or count it as dropped."""
+        with self._wake:
+            if self._closed:
+                self._late(line)
+                return
+            if self._size + len(line) > self.limit:
+                self._missed += 1
+                self.dropped += 1
+                return
+            if self._missed:
+                summary, self._missed = self._summary(self._missed), 0
+                self._lines.append(summary)
+                self._size += len(summary)
+            self._lines.append(line)
+            self._size += len(line)
+            if len(self._lines) <= 2:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._lines and not self._closed:
+                    self._wake.wait()
+                if not self._lines:
+                    return
+                lines, self._lines = self._lines, deque()
+                fd, self._busy = self._fd, True
+            try:
+                self._writeOut(lines, fd)
+            finally:
+                with self._wake:
+                    self._size -= sum(map(len, lines))
+                    self._busy = False
+                    self._wake.notify_all()
+
+    def _writeOut(self, lines: deque[bytes], fd: int) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > _CHUNK:
+                _all(fd, b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            _all(fd, b"".join(chunk))
+
+    def flush(self, timeout: float = EXIT_WAIT) -> bool:
+        """Wait until every queued line is written, at most C{timeout} seconds; whether they were."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._lines or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
+        return True
+
+    def close(self, timeout: float = EXIT_WAIT) -> bool:
+        """
+        Write what is queued (at most C{timeout} seconds) and stop the thread;
+        later lines (the last few of an exit) are written at once, each if the
+        output takes it within a second.
+        """
+        done = self.flush(timeout)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        return done
+
+    def _late(self, line: bytes) -> None:
+        try:
+            if select.select([], [self._fd], [], 1.0)[1]:
+                os.write(self._fd, line[:_CHUNK])  # writable: a pipe takes PIPE_BUF bytes at once
+                return
+        except OSError:
+            pass
+        self.dropped += 1
+
+    def reopen(self) -> bool:
+        """
+        Open the log file again by its name (after logrotate moved it);
+        whether there was one to reopen.  Standard output is left alone.
+        """
+        name = getattr(self.stream, "name", None)
+        if not isinstance(name, str) or self.stream in (sys.__stdout__, sys.__stderr__) or name.startswith("<"):
+            return False
+        fresh = open(name, "a", encoding="utf-8")
+        with self._wake:
+            old, self.stream, self._fd = self.stream, fresh, fresh.fileno()
+        self.flush()  # a batch already under way finishes on the old file
+        old.close()
+        return True
+
+
+def _all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # a closed or broken output: these lines are lost, the server is not
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Format each event as one line, text or JSON, and hand it to a L{LogOutput}."""
+
+    def __init__(self, output: LogOutput, format: str) -> None:
+        self.output = output
+        self.format = _json if format == "json" else _text
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.output.write(self.format(self, event).encode("utf-8", "backslashreplace"))
+
+    def stamp(self, when: float) -> str:
+        """C{2026-11-29T15:00:00+0000}, computed once a second."""
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+        return self._stamp
+
+
+def _message(event: dict[str, Any]) -> str:
+    if event.get("log_format") == "{record}" and "record" in event:
+        return event["record"]  # the connection record: built already
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
+def _text(observer: LineObserver, event: dict[str, Any]) -> str:
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+    return f"{observer.stamp(event.get('log_time', time.time()))} [{system}] {_message(event)}\n"
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _json(observer: LineObserver, event: dict[str, Any]) -> str:
+    level = event.get("log_level")
+    text = _message(event)
+    fields: dict[str, Any] = {
+        "time": observer.stamp(event.get("log_time", time.time())),
+        "level": level.name if level is not None else None,
+        "namespace": event.get("log_namespace"),
+        "text": text,
+    }
+    whole = event.get("log_format")
+    for key, value in event.items():
+        if key.startswith("log_") or key in fields or whole == "{" + key + "}":
+            continue
+        if isinstance(value, _PLAIN):
+            fields[key] = value
+    return json.dumps(fields, separators=(",", ":")) + "\n"
+
+
+#: The process's log output, once L{observerFactory} made it (for the metrics and signals).
+current: LogOutput | None = None
+
+
+def observerFactory(format: str, limit: int = BUFFER_LIMIT) -> Callable[[IO[str]], LineObserver]:
+    """What C{twist} calls with its log file to make its observer (C{fileLogObserverFactory})."""
+
+    def make(stream: IO[str]) -> LineObserver:
+        global current
+        observer = LineObserver(LogOutput(stream, limit, summary=lambda n: _summary(observer, n)), format)
+        current = observer.output
+        return observer
+
+    return make
+
+
+def _summary(observer: LineObserver, count: int) -> bytes:
+    event = {
+        "log_namespace": __name__,
+        "log_level": _warn(),
+        "log_format": "{count} log lines dropped: the log output did not keep up",
+        "log_time": time.time(),
+        "count": count,
+    }
+    return observer.format(observer, event).encode()
+
+
+def _warn() -> Any:
+    from twisted.logger import LogLevel
+
+    return LogLevel.warn
+
+
+def droppedLines() -> int:
+    """Log lines this process dropped so far."""
+    return current.dropped if current is not None else 0
+
+
+def finish() -> None:
+    """At exit: write out what is queued, waiting at most L{EXIT_WAIT} seconds."""
+    if current is not None:
+        current.close()
+
