@@ -12,9 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
-import pytest
 
 from conftest import TWIST, WAIT, freePort, startServer, twistsock
 from twistsock.logs import LineObserver, LogOutput

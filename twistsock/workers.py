@@ -33,7 +33,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .listen import ListeningService, SocketsService, firstSignalOnly
+from .listen import ListeningService, SocketsService
 from .metrics import Tallies, add
 
 #: The first file descriptor a worker's inherited sockets take.
