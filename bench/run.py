@@ -13,9 +13,11 @@ buffers that glibc maps and unmaps on every read until it has seen one
 connection close.
 
 twistsock runs as users run it: `twist sockets` with every per-connection
-feature on (records logged to a file, limits, idle timeout); only the UDP
-per-source rate limit is off (--udp-rate 0), since all load comes from one
-address.
+feature on (records logged to a file, in JSON as when the README's command
+writes to a file; limits; idle timeout), on the reactor it chooses (the
+twistsock reactor); "twistsock default reactor" is the same on Twisted's
+default.  Only the UDP per-source rate limit is off (--udp-rate 0), since all
+load comes from one address.
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple
     peers = str(HERE / "peers.py")
     pem = str(build / "certs" / "server.pem")
 
-    def twistsock(port: int, reactor: str = "default", twist: tuple[str, ...] = (str(BIN / "twist"),)) -> list[str]:
+    def twistsock(port: int, reactor: str | None = None, twist: tuple[str, ...] = (str(BIN / "twist"),)) -> list[str]:
+        # As the README starts it, its log in a file: JSON (not a terminal), the twistsock reactor
+        # unless another is named.
+        chosen = [f"--reactor={reactor}"] if reactor else []
         return [
-            *twist, f"--reactor={reactor}", "--log-format=text", f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
+            *twist, *chosen, f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
             "--listen", f"echo@tcp:{port}:interface=127.0.0.1:backlog=4096",
             "--listen", f"upper@tcp:{port + 1}:interface=127.0.0.1:backlog=4096",
             "--listen", f"echo@udp:{port}:interface=127.0.0.1",
@@ -80,7 +85,7 @@ def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple
     every = {"tcp", "upper", "udp", "tls"}
     table = {
         "twistsock": (twistsock, every),
-        "twistsock+reactor": (lambda p: twistsock(p, "twistsock"), every),
+        "twistsock default reactor": (lambda p: twistsock(p, "default"), every),
         "twisted": (lambda p: [python, peers, "twisted", str(p), pem], every),
         "asyncio": (lambda p: [python, peers, "asyncio", str(p), pem], every),
         "uvloop": (lambda p: [python, peers, "uvloop", str(p), pem], every),
@@ -89,7 +94,7 @@ def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple
     if pypy:
         # twistsock from this checkout (PyPy may be older than the package's requires-python).
         withPath = ("env", f"PYTHONPATH={HERE.parent}", pypy)
-        table["twistsock+reactor pypy"] = (lambda p: twistsock(p, "twistsock", (*withPath, "-m", "twisted")), every)
+        table["twistsock pypy"] = (lambda p: twistsock(p, None, (*withPath, "-m", "twisted")), every)
         table["twisted pypy"] = (lambda p: [pypy, peers, "twisted", str(p), pem], every)
         table["asyncio pypy"] = (lambda p: [pypy, peers, "asyncio", str(p), pem], every)
     return table
