@@ -223,8 +223,21 @@ class TCPWire(StringTransport):
         self.noDelay = enabled
 
 
-def test_nagle_is_off_for_every_admitted_tcp_connection():
+def test_nagle_is_off_from_the_second_write_of_a_tcp_connection():
+    """A first write has nothing unacknowledged before it: Nagle cannot delay it, so one reply costs no setsockopt."""
     factory = ConnectionFactory(ServiceFactory("echo"), TransportInfo("tcp"), reactor=MemoryReactorClock())
+    wire = TCPWire(hostAddress=HOST, peerAddress=PEER)
+    protocol = factory.buildProtocol(PEER)
+    protocol.makeConnection(wire)
+    protocol.dataReceived(b"first")
+    assert wire.noDelay is False and wire.value() == b"first"
+    protocol.dataReceived(b"second")
+    assert wire.noDelay is True and wire.value() == b"firstsecond"
+
+
+def test_nagle_is_off_at_once_under_tls():
+    """A handshake is several writes in a row."""
+    factory = ConnectionFactory(ServiceFactory("echo"), TransportInfo("tls", tls=True), reactor=MemoryReactorClock())
     wire = TCPWire(hostAddress=HOST, peerAddress=PEER)
     factory.buildProtocol(PEER).makeConnection(wire)
     assert wire.noDelay is True

@@ -273,3 +273,27 @@ def test_twist_sockets_runs_on_the_twistsock_reactor_unless_told_otherwise(serve
     assert serve("--listen", "tcp:0:interface=127.0.0.1").waitFor(r"\] ready: 1 listening \(TwistsockReactor\)$")
     chosen = serve("--listen", "tcp:0:interface=127.0.0.1", command=(TWIST, "--log-format=text", "--reactor=poll"))
     assert chosen.waitFor(r"\] ready: 1 listening \(PollReactor\)$")
+
+
+def test_workers_with_an_unread_log_pipe_serve_and_stop_on_sigterm():
+    """The master and its workers share the pipe; each has its own buffer."""
+    port = freePort()
+    process = subprocess.Popen(
+        [TWIST, "--log-format=text", "sockets", "--workers", "2", "--log-buffer", "65536", "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        waitForPort(port, process)
+        for i in range(1500):
+            assert upperOnce(port, b"w%d" % i) == b"W%d\n" % i
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT) == -signal.SIGTERM
+        log = process.stdout.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    assert "Traceback" not in log
+    for line in log.splitlines():  # lines from three processes, never cut into each other
+        assert line.startswith("20") or line == "", line

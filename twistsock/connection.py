@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import logs
 from ._format import describe, errorText, host, oneLine
 from ._layer import Layer
 
@@ -383,8 +384,8 @@ class Connection(Layer):
             self._ended(LIMIT, refused)
             transport.abortConnection()
             return
-        _noDelay(transport)
         if self.factory.transport.tls:
+            _noDelay(transport)  # the handshake is several writes at once
             self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
         super().makeConnection(transport)
 
@@ -426,11 +427,22 @@ class Connection(Layer):
         self.lastTick = self.factory.connections.tick
         self.wrapped.dataReceived(data)
 
+    #: Whether Nagle's algorithm is still on: until a second write, it
+    #: delays nothing (a first write has nothing unacknowledged before it),
+    #: so a one-reply connection (upper, ack) saves the system call.
+    _nagle = True
+
     def write(self, data: bytes) -> None:
+        if self.bytesOut and self._nagle:
+            self._nagle = False
+            _noDelay(self.transport)
         self.bytesOut += len(data)
         Layer.write(self, data)
 
     def writeSequence(self, data: list[bytes]) -> None:
+        if self.bytesOut and self._nagle:
+            self._nagle = False
+            _noDelay(self.transport)
         self.bytesOut += sum(map(len, data))
         self.transport.writeSequence(data)
 
@@ -477,8 +489,8 @@ class Connection(Layer):
             extra += f", worker {factory.worker}"
         local, peer = describe(self.host), describe(self.getPeer())
         duration = time.monotonic() - self.started
-        self.log.info(
-            "{record}",
+        logs.record(
+            self.log,
             record=(
                 f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: {self.why} after {duration:.3f} s, "
                 f"{self.bytesIn} bytes in, {self.bytesOut} bytes out{extra}"

@@ -123,7 +123,7 @@ class Options(usage.Options):
             return
         if "reactor" not in twist:
             twist["reactorName"] = "twistsock"
-        twist["fileLogObserverFactory"] = logs.observerFactory(twist.get("logFormat", "text"), self["log-buffer"])
+        twist["fileLogObserverFactory"] = logs.observerFactory(twist.get("logFormat", "text"), self["log-buffer"], twist.get("logLevel", logs.LogLevel.info))
 
 
 class ConfigurationError(SystemExit):
