@@ -188,7 +188,7 @@ def test_limits_total_and_per_peer(records):
     assert connections.refused == {("echo", "max per peer"): 1, ("echo", "max connections"): 1}
     clock.advance(1)
     (summary,) = records("twistsock.connection.Connections")
-    assert (summary["count"], summary["reasons"]) == (1, "max connections: 1")
+    assert (summary["count"], summary["reasons"]) == (1, "1 by max connections")
     assert len(connections.active) == 3
     close(a)
     f, fWire = open_(connections, clock)
@@ -259,5 +259,5 @@ def test_a_long_burst_of_refusals_is_summed_up_every_10_s(records):
     clock.advance(2)
     summaries = [(e["count"], e["reasons"]) for e in records("twistsock.connection.Connections") if "more connections refused" in e["log_format"]]
     # 1 recorded; 39 summed up at 10 s, 40 at 20 s, the last 20 once a second passed without one.
-    assert summaries == [(39, "max connections: 39"), (40, "max connections: 40"), (20, "max connections: 20")]
+    assert summaries == [(39, "39 by max connections"), (40, "40 by max connections"), (20, "20 by max connections")]
     assert len(records()) == 1

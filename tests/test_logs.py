@@ -265,7 +265,7 @@ def test_refused_connections_are_one_record_and_one_summary_per_burst(serve):
                     assert refused.recv(1) == b""  # closed at once
                 except ConnectionResetError:
                     pass
-        server.waitFor(r"199 more connections refused in \d+ s \(max connections: 199\)$")
+        server.waitFor(r"199 more connections refused in \d+ s \(199 by max connections\)$")
     assert len([line for line in server.lines if ": limit after" in line]) == 1
 
 
@@ -297,3 +297,51 @@ def test_workers_with_an_unread_log_pipe_serve_and_stop_on_sigterm():
     assert "Traceback" not in log
     for line in log.splitlines():  # lines from three processes, never cut into each other
         assert line.startswith("20") or line == "", line
+
+
+def test_a_line_never_exceeds_one_write_whatever_the_message():
+    """Escaping can make 1 KiB of bytes 10 KiB of JSON; such a line is formatted again, shorter."""
+    from twisted.logger import LogLevel
+
+    written: list[bytes] = []
+
+    class Memory:
+        def write(self, line: bytes) -> None:
+            written.append(line)
+
+    for format in ("json", "text"):
+        observer = LineObserver(Memory(), format)  # type: ignore[arg-type]
+        observer({"log_format": "{peer} -->{message}", "peer": "p", "message": "\\xff" * 1024 + "\x1b" * 1024, "log_level": LogLevel.info, "log_namespace": "n", "log_time": 0.0})
+    assert all(len(line) <= 4096 and line.count(b"\n") == 1 for line in written)
+    assert json.loads(written[0])["text"].endswith("more characters]")
+
+
+def test_reopening_a_fifo_without_a_reader_fails_at_once(tmp_path):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    output = LogOutput(open(fifo, "w"))
+    os.close(reader)
+    result: list[object] = []
+
+    def reopen() -> None:
+        try:
+            result.append(output.reopen())
+        except OSError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=reopen)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "reopen() waited for a reader"
+    assert isinstance(result[0], OSError)
+    output.close(0)
+
+
+def test_lines_lost_to_a_closed_output_are_counted():
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone: writes fail with EPIPE
+    output = LogOutput(os.fdopen(w, "w"))
+    writeInThread(output, [b"lost %d\n" % i for i in range(10)])
+    output.close(WAIT)
+    assert output.dropped == 10

@@ -205,15 +205,21 @@ class Connections:
         self._unrecorded[reason] += 1
         return False
 
-    def _endBurst(self) -> None:
+    def summarizeRefusals(self) -> None:
+        """Sum up the refusals not recorded yet, now (at shutdown)."""
+        if self._burst is not None and self._burst.active():
+            self._burst.cancel()
+        self._endBurst(final=True)
+
+    def _endBurst(self, final: bool = False) -> None:
         now = self.reactor.seconds()
-        quiet = now - self._lastRefusal >= self.BURST_QUIET
+        quiet = final or now - self._lastRefusal >= self.BURST_QUIET
         if self._unrecorded and (quiet or now - self._summarized >= self.BURST_SUMMARY):
             self.log.info(
                 "{count} more connections refused in {seconds:.0f} s ({reasons})",
                 count=sum(self._unrecorded.values()),
                 seconds=max(1.0, now - self._summarized),
-                reasons=", ".join(f"{reason}: {n}" for reason, n in sorted(self._unrecorded.items())),
+                reasons=", ".join(f"{n} by {reason}" for reason, n in sorted(self._unrecorded.items())),
             )
             self._unrecorded.clear()
             self._summarized = now

@@ -28,7 +28,7 @@ from ._accepts import AcceptErrors, raiseOpenFileLimit
 from ._format import describe, errorText, splitEndpoint
 from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
 from .metrics import Tallies, metricsSite, tallies
-from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory
+from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory, summarizeDatagrams
 from ._tlsdirect import useDirectTLS
 from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
 
@@ -269,6 +269,8 @@ class SocketsService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         Service.stopService(self)
+        self.connections.summarizeRefusals()
+        summarizeDatagrams()
         ports = [c for c in reversed(list(self)) if c is not self.metrics]
         stopped = defer.DeferredList([defer.maybeDeferred(c.stopService) for c in ports])
         stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
@@ -308,8 +310,8 @@ class SocketsService(MultiService):
         action would end the process at once, without draining.)
         """
         firstSignalOnly()
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is not threading.main_thread() or logs.current is None:
+            return  # not under twist: twistd has its own (SIGUSR1 rotates its log)
         signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup))
         for number in (signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(number, lambda number, frame: self.reactor.callFromThread(self._ignored, number))

@@ -49,7 +49,6 @@ class LogOutput:
         self.stream = stream
         self.limit = limit
         self._summary = summary or (lambda n: f"{n} log lines dropped: the log output did not keep up\n".encode())
-        self._lines: deque[bytes] = deque()
         self._size = 0
         self._missed = 0  # dropped since the last line that fitted
         #: Lines dropped in all, for the metrics.
@@ -59,6 +58,7 @@ class LogOutput:
         self._closed = False
         self._wake = threading.Condition()
         self._fd = stream.fileno()
+        self._lines: deque[Any] = deque()
         self._thread = threading.Thread(target=self._run, name="twistsock log", daemon=True)
         self._thread.start()
 
@@ -92,30 +92,45 @@ class LogOutput:
                 if not self._lines:
                     return
                 lines, self._lines = self._lines, deque()
-                fd, self._busy = self._fd, True
+                self._busy = True
             try:
-                self._writeOut(lines, fd)
+                self._writeOut(lines)
             finally:
                 with self._wake:
-                    self._size -= sum(map(len, lines))
+                    self._size -= sum(len(line) for line in lines if isinstance(line, bytes))
                     self._busy = False
+                    if self._missed and self._size < self.limit // 2:
+                        # The output caught up: say at once what was lost.
+                        summary, self._missed = self._summary(self._missed), 0
+                        self._lines.append(summary)
+                        self._size += len(summary)
                     self._wake.notify_all()
             # Let lines gather: one wake-up and one write per batch, not per
             # line (each wake-up takes the GIL from the reactor's thread).
             if not self._closed:
                 time.sleep(BATCH_DELAY)
 
-    def _writeOut(self, lines: deque[bytes], fd: int) -> None:
+    def _writeOut(self, lines: deque[Any]) -> None:
         chunk: list[bytes] = []
         size = 0
         for line in lines:
+            if isinstance(line, _Switch):
+                self._flushChunk(chunk)
+                chunk, size = [], 0
+                old, self.stream, self._fd = self.stream, line.stream, line.stream.fileno()
+                old.close()
+                continue
             if chunk and size + len(line) > _CHUNK:
-                _all(fd, b"".join(chunk))
+                self._flushChunk(chunk)
                 chunk, size = [], 0
             chunk.append(line)
             size += len(line)
-        if chunk:
-            _all(fd, b"".join(chunk))
+        self._flushChunk(chunk)
+
+    def _flushChunk(self, chunk: list[bytes]) -> None:
+        if chunk and not _all(self._fd, b"".join(chunk)):
+            with self._wake:
+                self.dropped += len(chunk)  # a closed or full output: lost, and counted
 
     def flush(self, timeout: float = EXIT_WAIT) -> bool:
         """Wait until every queued line is written, at most C{timeout} seconds; whether they were."""
@@ -157,16 +172,28 @@ class LogOutput:
         name = getattr(self.stream, "name", None)
         if not isinstance(name, str) or self.stream in (sys.__stdout__, sys.__stderr__) or name.startswith("<"):
             return False
-        fresh = open(name, "a", encoding="utf-8")
-        self.flush(1.0)  # what was logged before the signal goes to the old file
+        # Never blocks: a FIFO without a reader is an error (ENXIO), not a wait.
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        os.set_blocking(fd, True)  # the thread's writes may wait; the reactor never does
+        fresh = os.fdopen(fd, "a", encoding="utf-8")
         with self._wake:
-            old, self.stream, self._fd = self.stream, fresh, fresh.fileno()
-        self.flush(1.0)  # a batch already under way finishes on the old file
-        old.close()
+            # The thread switches after the lines logged before the signal.
+            self._lines.append(_Switch(fresh))
+            if self._idle:
+                self._idle = False
+                self._wake.notify()
         return True
 
 
-def _all(fd: int, data: bytes) -> None:
+class _Switch:
+    """In the queue of lines: go on in this (reopened) file."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+
+def _all(fd: int, data: bytes) -> bool:
+    """Write all of C{data}; whether it could (a closed or full output loses lines, never the server)."""
     view = memoryview(data)
     while view:
         try:
@@ -174,7 +201,8 @@ def _all(fd: int, data: bytes) -> None:
         except InterruptedError:
             continue
         except OSError:
-            return  # a closed or broken output: these lines are lost, the server is not
+            return False
+    return True
 
 
 @implementer(ILogObserver)
@@ -188,7 +216,11 @@ class LineObserver:
         self._stamp = ""
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.output.write(self.format(self, event).encode("utf-8", "backslashreplace"))
+        line = self.format(self, event).encode("utf-8", "backslashreplace")
+        if len(line) > _CHUNK:
+            # Longer lines could be cut into by another process sharing the pipe (--workers).
+            line = self.format(self, {**event, _SHORT: True}).encode("utf-8", "backslashreplace")
+        self.output.write(line)
 
     def stamp(self, when: float) -> str:
         """C{2026-11-29T15:00:00+0000}, computed once a second."""
@@ -205,12 +237,25 @@ def _message(event: dict[str, Any]) -> str:
     return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
 
+#: Set in an event to format it again within one write (see L{LineObserver}).
+_SHORT = "log_twistsock_short"
+#: Characters of text a shortened line keeps: escaped, at most 6 bytes each.
+_SHORT_TEXT = 500
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHORT_TEXT else text[:_SHORT_TEXT] + f"... [{len(text) - _SHORT_TEXT} more characters]"
+
+
 def _text(observer: LineObserver, event: dict[str, Any]) -> str:
     system = event.get("log_system")
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    return f"{observer.stamp(event.get('log_time', time.time()))} [{system}] {_message(event)}\n"
+    message = _message(event)
+    if _SHORT in event:
+        message = _cut(message)
+    return f"{observer.stamp(event.get('log_time', time.time()))} [{system}] {message}\n"
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -219,6 +264,9 @@ _PLAIN = (str, int, float, bool, type(None))
 def _json(observer: LineObserver, event: dict[str, Any]) -> str:
     level = event.get("log_level")
     text = _message(event)
+    short = _SHORT in event
+    if short:
+        text = _cut(text)
     fields: dict[str, Any] = {
         "time": observer.stamp(event.get("log_time", time.time())),
         "level": level.name if level is not None else None,
@@ -229,7 +277,7 @@ def _json(observer: LineObserver, event: dict[str, Any]) -> str:
     for key, value in event.items():
         if key.startswith("log_") or key in fields or whole == "{" + key + "}":
             continue
-        if isinstance(value, _PLAIN):
+        if isinstance(value, _PLAIN) and not (short and isinstance(value, str) and len(value) > 100):
             fields[key] = value
     return json.dumps(fields, separators=(",", ":")) + "\n"
 

@@ -256,13 +256,22 @@ class DatagramQuota:
             self._skipped += 1
             return False
         self._used += 1
+        self.summarize(log)
+        return True
+
+    def summarize(self, log: Logger) -> None:
+        """Say how many messages were left out since the last time, if any."""
         if self._skipped:
             log.info("{count} datagram messages not logged: {limit} a second are", count=self._skipped, limit=self.lines)
             self._skipped = 0
-        return True
 
 
 datagramQuota = DatagramQuota()
+
+
+def summarizeDatagrams() -> None:
+    """At shutdown: the datagram messages left out since the last summary."""
+    datagramQuota.summarize(Sink.log)
 
 
 def sinkDatagram(data: bytes, peer: str) -> None:

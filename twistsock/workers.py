@@ -142,13 +142,20 @@ class MasterService(SocketsService):
 
     def _ready(self) -> None:
         self.catchSignals()
-        self.log.info("ready: {count} listening, {workers} workers", count=len([c for c in self if c is not self.metrics]), workers=self.count)
+        self.log.info(
+            "ready: {count} listening, {workers} workers ({reactor})",
+            count=len([c for c in self if c is not self.metrics]),
+            workers=self.count,
+            reactor=type(self.reactor).__name__,
+        )
 
     def hangup(self) -> None:
         """SIGHUP: the workers reopen their log files too."""
         super().hangup()
         for index, worker in self.workers.items():
-            if not worker.ended.called:
+            # Only workers that have reported: a worker still starting has no
+            # handler yet, and SIGHUP's default would end it.
+            if not worker.ended.called and worker.tallies:
                 self._signal(index, signal.SIGHUP)
 
     def heldSockets(self) -> list[tuple[int, int]]:
