@@ -345,3 +345,15 @@ def test_lines_lost_to_a_closed_output_are_counted():
     writeInThread(output, [b"lost %d\n" % i for i in range(10)])
     output.close(WAIT)
     assert output.dropped == 10
+
+
+def test_numeric_options_name_themselves_and_log_buffer_is_bounded():
+    from conftest import runTwist
+
+    for args, message in (
+        (("--log-buffer", "abc"), "twistsock: error: --log-buffer: 'abc' is not a whole number (twist sockets --help lists the options)\n"),
+        (("--max-connections", "x"), "twistsock: error: --max-connections: 'x' is not a whole number (twist sockets --help lists the options)\n"),
+        (("--log-buffer", str(2 << 30)), "twistsock: error: --log-buffer must be from 4096 to 1073741824 (1 GiB) (twist sockets --help lists the options)\n"),
+    ):
+        result = runTwist(*args)
+        assert (result.returncode, result.stderr) == (1, message)

@@ -5,7 +5,7 @@ C{twist sockets}: options in, a tree of listening services out.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import IService
 from twisted.internet.protocol import Factory
@@ -19,6 +19,19 @@ from .connection import DEFAULT_HANDSHAKE_TIMEOUT
 from .services import DEFAULT_MAX_LINE, ServiceConfig
 
 DEFAULT_LISTEN = "echo@tcp:5000"
+
+
+def _number(option: str, kind: type) -> Callable[[str], Any]:
+    """A coercer whose error names the option (Twisted's only says "Parameter type enforcement failed")."""
+
+    def coerce(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--{option}: {text!r} is not a {'whole ' if kind is int else ''}number") from None
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
 
 
 class Options(usage.Options):
@@ -38,20 +51,20 @@ class Options(usage.Options):
         ["keep-open", None, "upper: answer every line until the client closes (default: one line per connection)."],
     ]
     optParameters = [
-        ["max-line", None, DEFAULT_MAX_LINE, "upper, ack: longest line accepted, in bytes.", int],
-        ["tls-handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT, "Seconds a TLS client has to finish its handshake.", float],
-        ["udp-rate", None, udp.DEFAULT_RATE, "UDP: datagrams per second answered per source address (0: no limit).", float],
-        ["udp-burst", None, udp.DEFAULT_BURST, "UDP: datagrams a source may send at once before --udp-rate applies.", int],
-        ["udp-amplification", None, udp.DEFAULT_AMPLIFICATION, "UDP: a reply may be at most this many times its request's size.", float],
+        ["max-line", None, DEFAULT_MAX_LINE, "upper, ack: longest line accepted, in bytes.", _number("max-line", int)],
+        ["tls-handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT, "Seconds a TLS client has to finish its handshake.", _number("tls-handshake-timeout", float)],
+        ["udp-rate", None, udp.DEFAULT_RATE, "UDP: datagrams per second answered per source address (0: no limit).", _number("udp-rate", float)],
+        ["udp-burst", None, udp.DEFAULT_BURST, "UDP: datagrams a source may send at once before --udp-rate applies.", _number("udp-burst", int)],
+        ["udp-amplification", None, udp.DEFAULT_AMPLIFICATION, "UDP: a reply may be at most this many times its request's size.", _number("udp-amplification", float)],
         ["udp-blocked-ports", None, "reflecting", "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list."],
-        ["udp-summary-interval", None, 60.0, "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).", float],
-        ["max-connections", None, connection.DEFAULT_MAX_CONNECTIONS, "Stream connections served at once, over all ports (0: no limit).", int],
-        ["max-per-peer", None, 0, "Stream connections served at once per client address (0: no limit).", int],
-        ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", float],
-        ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", float],
+        ["udp-summary-interval", None, 60.0, "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).", _number("udp-summary-interval", float)],
+        ["max-connections", None, connection.DEFAULT_MAX_CONNECTIONS, "Stream connections served at once, over all ports (0: no limit).", _number("max-connections", int)],
+        ["max-per-peer", None, 0, "Stream connections served at once per client address (0: no limit).", _number("max-per-peer", int)],
+        ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", _number("idle-timeout", float)],
+        ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", _number("drain-timeout", float)],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
-        ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", int],
-        ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", int],
+        ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", _number("log-buffer", int)],
+        ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", _number("workers", int)],
         ["worker", None, None, "(internal) run as worker INDEX:FD/FAMILY,...:REPORTFD of a --workers master."],
     ]
 
@@ -72,7 +85,7 @@ class Options(usage.Options):
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            error = ConfigurationError(str(e))
+            error = ConfigurationError(str(e).removeprefix("Parameter type enforcement failed: "))
             sys.stderr.write(f"twistsock: error: {error.message} (twist sockets --help lists the options)\n")
             sys.stderr.flush()
             raise error from None
@@ -108,8 +121,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--metrics: {e}") from None
         if not self["listen"]:
             self.opt_listen(DEFAULT_LISTEN)
-        if self["log-buffer"] < 4096:
-            raise usage.UsageError("--log-buffer must be at least 4096")
+        if not 4096 <= self["log-buffer"] <= 1 << 30:
+            raise usage.UsageError("--log-buffer must be from 4096 to 1073741824 (1 GiB)")
         self._configureTwist(getattr(self, "parent", None))
 
     def _configureTwist(self, twist: Any) -> None:
