@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 
 from conftest import TWIST, WAIT, freePort, startServer, twistsock
@@ -131,26 +132,33 @@ def upperOnce(port: int, line: bytes) -> bytes:
         return reply
 
 
-def test_a_server_whose_log_pipe_nobody_reads_serves_2000_connections_and_stops_on_sigterm():
-    """Before: about 64 KiB of log filled the pipe, write() blocked, clients timed out, SIGTERM did nothing."""
+@contextmanager
+def unreadLog(*args: str):
+    """`twist sockets ARGS` serving upper, its log a pipe that nobody reads until the test does; yields (port, process)."""
     port = freePort()
     process = subprocess.Popen(
-        [TWIST, "--log-format=text", "sockets", "--log-buffer", "65536", "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
+        [TWIST, "--log-format=text", "sockets", "--log-buffer", "65536", *args, "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     try:
         waitForPort(port, process)
+        yield port, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_a_server_whose_log_pipe_nobody_reads_serves_2000_connections_and_stops_on_sigterm():
+    """Before: about 64 KiB of log filled the pipe, write() blocked, clients timed out, SIGTERM did nothing."""
+    with unreadLog() as (port, process):
         for i in range(2000):  # about 300 KiB of records: more than the pipe and the buffer hold
             assert upperOnce(port, b"line %d" % i) == b"LINE %d\n" % i
         process.send_signal(signal.SIGTERM)
         # Still nobody reads: the exit waits for the log a bounded time only.
         assert process.wait(WAIT) == -signal.SIGTERM
         log = process.stdout.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
     assert "Traceback" not in log
     assert "upper tcp 127.0.0.1:" in log
 
@@ -277,23 +285,12 @@ def test_twist_sockets_runs_on_the_twistsock_reactor_unless_told_otherwise(serve
 
 def test_workers_with_an_unread_log_pipe_serve_and_stop_on_sigterm():
     """The master and its workers share the pipe; each has its own buffer."""
-    port = freePort()
-    process = subprocess.Popen(
-        [TWIST, "--log-format=text", "sockets", "--workers", "2", "--log-buffer", "65536", "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    try:
-        waitForPort(port, process)
+    with unreadLog("--workers", "2") as (port, process):
         for i in range(1500):
             assert upperOnce(port, b"w%d" % i) == b"W%d\n" % i
         process.send_signal(signal.SIGTERM)
         assert process.wait(WAIT) == -signal.SIGTERM
         log = process.stdout.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
     assert "Traceback" not in log
     for line in log.splitlines():  # lines from three processes, never cut into each other
         assert line.startswith("20") or line == "", line
