@@ -73,9 +73,7 @@ class LogOutput:
                 self.dropped += 1
                 return
             if self._missed:
-                summary, self._missed = self._summary(self._missed), 0
-                self._lines.append(summary)
-                self._size += len(summary)
+                self._sayMissed()
             self._lines.append(line)
             self._size += len(line)
             if self._idle:
@@ -100,15 +98,18 @@ class LogOutput:
                     self._size -= sum(len(line) for line in lines if isinstance(line, bytes))
                     self._busy = False
                     if self._missed and self._size < self.limit // 2:
-                        # The output caught up: say at once what was lost.
-                        summary, self._missed = self._summary(self._missed), 0
-                        self._lines.append(summary)
-                        self._size += len(summary)
+                        self._sayMissed()  # the output caught up: say at once what was lost
                     self._wake.notify_all()
             # Let lines gather: one wake-up and one write per batch, not per
             # line (each wake-up takes the GIL from the reactor's thread).
             if not self._closed:
                 time.sleep(BATCH_DELAY)
+
+    def _sayMissed(self) -> None:
+        """Queue the line that counts the lines dropped since the last one that fitted (lock held)."""
+        summary, self._missed = self._summary(self._missed), 0
+        self._lines.append(summary)
+        self._size += len(summary)
 
     def _writeOut(self, lines: deque[Any]) -> None:
         chunk: list[bytes] = []
@@ -322,16 +323,12 @@ def observerFactory(format: str, limit: int = BUFFER_LIMIT, level: LogLevel = Lo
 def _summary(observer: LineObserver, count: int) -> bytes:
     event = {
         "log_namespace": __name__,
-        "log_level": _warn(),
+        "log_level": LogLevel.warn,
         "log_format": "{count} log lines dropped: the log output did not keep up",
         "log_time": time.time(),
         "count": count,
     }
     return observer.format(observer, event).encode()
-
-
-def _warn() -> Any:
-    return LogLevel.warn
 
 
 def droppedLines() -> int:
