@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -261,3 +262,60 @@ def test_a_long_burst_of_refusals_is_summed_up_every_10_s(records):
     # 1 recorded; 39 summed up at 10 s, 40 at 20 s, the last 20 once a second passed without one.
     assert summaries == [(39, "39 by max connections"), (40, "40 by max connections"), (20, "20 by max connections")]
     assert len(records()) == 1
+
+
+# -- the local address, from the listening port when it is bound to one --
+
+
+def _connectTo(reactor, listenOn: str, connectTo: str):
+    """Listen on C{listenOn}, connect from C{connectTo}; fire with the server side's L{Connection}."""
+    import socket
+
+    from twisted.internet import defer
+
+    made: defer.Deferred = defer.Deferred()
+    factory = ConnectionFactory(ServiceFactory("sink"), TransportInfo("tcp"))
+    build = factory.buildProtocol
+
+    def buildProtocol(addr):
+        connection = build(addr)
+        original = connection.makeConnection
+
+        def makeConnection(transport):
+            original(transport)
+            reactor.callLater(0, made.callback, connection)
+
+        connection.makeConnection = makeConnection
+        return connection
+
+    factory.buildProtocol = buildProtocol
+    port = reactor.listenTCP(0, factory, interface=listenOn)
+    client = socket.create_connection((connectTo, port.getHost().port))
+    return made, port, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_port_bound_to_one_address_gives_its_connections_that_address():
+    from twisted.internet import reactor
+
+    made, port, client = _connectTo(reactor, "127.0.0.1", "127.0.0.1")
+    try:
+        connection = yield made
+        assert connection.host == IPv4Address("TCP", "127.0.0.1", port.getHost().port)
+        assert connection.host == connection.transport.getHost()  # what the kernel says too
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_wildcard_port_gives_each_connection_the_address_it_came_to():
+    from twisted.internet import reactor
+
+    made, port, client = _connectTo(reactor, "0.0.0.0", "127.0.0.2")
+    try:
+        connection = yield made
+        assert connection.host == IPv4Address("TCP", "127.0.0.2", port.getHost().port)
+    finally:
+        client.close()
+        yield port.stopListening()

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
 
-from twistsock._direct import canWriteDirectly, writeDirectly
+from twistsock._direct import canWriteDirectly, loseDirectly, writeDirectly
 from twistsock.reactor import TwistsockReactor
 
 
@@ -253,3 +253,117 @@ def test_the_reactor_logs_a_protocol_error_with_its_prefix_and_closes(reactor):
     assert failures[0]["failure"].check(ValueError)
     assert failures[0]["system"] == "ReaderPrefix"
     assert len(protocol.lost) == 1 and protocol.lost[0].check(ValueError)
+
+
+# -- closing at once --
+
+
+class Replier(Recorder):
+    """Reply to the first data, then close (as upper and ack do), from inside dataReceived."""
+
+    reply = b"REPLY\n"
+    closedInside = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        writeDirectly(self.transport, self.reply)
+        loseDirectly(self.transport)
+        # Never inside the protocol's own stack: it is still connected here.
+        self.closedInside = bool(self.lost)
+
+
+def test_a_close_with_nothing_buffered_ends_the_same_pass_after_the_reply(reactor):
+    protocol = Replier()
+    reader, peer = readerFor(reactor, protocol)
+    peer.sendall(b"line\n")
+    reactor.doPoll(0)
+    assert protocol.closedInside is False
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionDone)
+    assert reader.fileno() == -1 and reader not in reactor.getWriters() and reader not in reactor.getReaders()
+    assert drain(peer) == b"REPLY\n"  # the reply, then end of stream: an orderly close
+    peer.close()
+
+
+def test_twisteds_reactor_closes_on_the_next_writable_pass_instead():
+    """The same calls on a reactor without closeSoon: Twisted's loseConnection, unchanged."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    reactor = Writes()
+    transport = tcp.Connection(ours, Recorder(), reactor)
+    transport.connected = True
+    loseDirectly(transport)
+    assert transport.disconnecting and reactor.writers == [transport]
+    ours.close()
+    theirs.close()
+
+
+def test_what_is_still_buffered_is_sent_before_the_close(reactor):
+    protocol = Recorder()
+    reader, peer = readerFor(reactor, protocol)
+    big = b"x" * (8 << 20)  # more than the socket pair takes at once
+    writeDirectly(reader, big)
+    assert reader.dataBuffer or reader._tempDataLen
+    loseDirectly(reader)
+    assert reader in reactor.getWriters()  # Twisted's path: wait until it is sent
+    received = []
+    for _ in range(10_000):  # bounded: each pass sends what the peer made room for
+        received.append(drain(peer))
+        reactor.doPoll(0)
+        if protocol.lost:
+            break
+    received.append(drain(peer))
+    assert b"".join(received) == big
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionDone)
+    peer.close()
+
+
+def test_a_write_after_the_close_was_asked_for_is_still_sent(reactor):
+    protocol = Recorder()
+    reader, peer = readerFor(reactor, protocol)
+    loseDirectly(reader)
+    reader.write(b"late")  # Twisted buffers writes while disconnecting
+    reactor.doPoll(0)  # the pending close finds data buffered: Twisted sends it, then closes
+    for _ in range(10):
+        if protocol.lost:
+            break
+        reactor.doPoll(0)
+    assert drain(peer) == b"late"
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionDone)
+    peer.close()
+
+
+def test_an_abort_after_the_close_was_asked_for_stays_an_abort(reactor):
+    from twisted.internet.error import ConnectionAborted
+
+    protocol = Recorder()
+    reader, peer = readerFor(reactor, protocol)
+    loseDirectly(reader)
+    reader.abortConnection()
+    reactor.doPoll(0)
+    assert not protocol.lost  # the pending close left it to the abort
+    reactor.runUntilCurrent()  # the abort's callLater(0)
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionAborted)
+    peer.close()
+
+
+def test_a_failing_close_is_logged_and_the_others_still_close(reactor):
+    class Breaks(Recorder):
+        def connectionLost(self, reason: object = None) -> None:
+            super().connectionLost(reason)
+            raise RuntimeError("boom in connectionLost")
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        first, second = Breaks(), Recorder()
+        r1, p1 = readerFor(reactor, first)
+        r2, p2 = readerFor(reactor, second)
+        loseDirectly(r1)
+        loseDirectly(r2)
+        reactor.doPoll(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(first.lost) == 1 and len(second.lost) == 1
+    assert [e["failure"].value.args for e in events if e.get("isError")] == [("boom in connectionLost",)]
+    p1.close()
+    p2.close()

@@ -8,7 +8,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from ._direct import canWriteDirectly, writeDirectly
+from ._direct import canWriteDirectly, loseDirectly, writeDirectly
 
 
 @implementer(IHalfCloseableProtocol)
@@ -61,7 +61,10 @@ class Layer(Protocol):
         self.transport.writeSequence(data)
 
     def loseConnection(self) -> None:
-        self.transport.loseConnection()
+        if self._direct:
+            loseDirectly(self.transport)
+        else:
+            self.transport.loseConnection()
 
     def abortConnection(self) -> None:
         self.transport.abortConnection()

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
@@ -303,6 +303,27 @@ class ConnectionFactory(Factory):
         self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
         self.handshakeTimeout = handshakeTimeout
         self._hosts: dict[Any, Any] = {}
+        # Per listening port: its address if every connection's local address is that one, else None.
+        self._portHosts: dict[Any, Any] = {}
+
+    def localAddress(self, transport: Any) -> Any:
+        """
+        The local address of a new connection, shared with its listening
+        port's other connections: a port bound to one address (not a
+        wildcard) is asked once, not each connection (a system call and an
+        address object each).
+        """
+        # Only a TCP socket transport itself: a layer above one (PROXY) has another local address.
+        if type(transport).getHost is not tcp.Server.getHost:
+            return self.sharedHost(transport.getHost())
+        port = transport.server
+        try:
+            known = self._portHosts[port]
+        except KeyError:
+            known = self._portHosts[port] = _fixedAddress(port)
+        except TypeError:  # an unhashable stand-in
+            known = None
+        return known if known is not None else self.sharedHost(transport.getHost())
 
     def sharedHost(self, address: Any) -> Any:
         """
@@ -334,6 +355,18 @@ class ConnectionFactory(Factory):
     def buildProtocol(self, addr: Any) -> Connection | None:
         protocol = self.service.buildProtocol(addr)
         return None if protocol is None else Connection(self, protocol)
+
+
+def _fixedAddress(port: Any) -> Any:
+    """A listening port's address, if all its connections have it as their local address (None if unknown)."""
+    try:
+        address = port.getHost()
+    except Exception:
+        return None
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        # A wildcard port's connections each have the address they came to.
+        return address if address.type == "TCP" and address.host not in ("0.0.0.0", "::") else None
+    return None
 
 
 def _noDelay(transport: Any) -> None:
@@ -380,7 +413,7 @@ class Connection(Layer):
     def makeConnection(self, transport: Any) -> None:
         # Both addresses now: a closed TCP transport can no longer tell its
         # own, and behind proxy: the peer is already the real client.
-        self.host = self.factory.sharedHost(transport.getHost())
+        self.host = self.factory.localAddress(transport)
         peer = transport.getPeer()
         if isinstance(peer, (IPv4Address, IPv6Address)):
             self.peerKey = host(peer.host)
@@ -458,7 +491,7 @@ class Connection(Layer):
 
     def loseConnection(self) -> None:
         self._ended(SERVICE_CLOSED)
-        self.transport.loseConnection()
+        Layer.loseConnection(self)
 
     def abortConnection(self) -> None:
         self._ended(SERVICE_CLOSED)
@@ -468,9 +501,11 @@ class Connection(Layer):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        # isinstance, not Failure.check: check walks the class's bases by name.
+        clean = reason is None or isinstance(reason.value, ConnectionDone)
         if self.factory.transport.tls and not self._handshaken and self._admitted:
-            self._ended(HANDSHAKE_FAILED, errorText(reason.value) if reason is not None and not reason.check(ConnectionDone) else "closed by the peer")
-        elif reason is None or reason.check(ConnectionDone):
+            self._ended(HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value))
+        elif clean:
             self._ended(PEER_CLOSED)
         else:
             self._ended(ERROR, errorText(reason.value))

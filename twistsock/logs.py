@@ -223,6 +223,21 @@ class LineObserver:
             line = self.format(self, {**event, _SHORT: True}).encode("utf-8", "backslashreplace")
         self.output.write(line)
 
+    def record(self, namespace: str, fields: dict[str, Any]) -> None:
+        """Write a connection record: the same line as for its event, made without the generic walk over the event."""
+        if self.format is _json:
+            text = fields["record"]
+            line = {"time": self.stamp(time.time()), "level": "info", "namespace": namespace, "text": text}
+            for key, value in fields.items():
+                if key != "record" and value.__class__ in _PLAIN_CLASSES:
+                    line[key] = value
+            data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+            if len(data) <= _CHUNK:
+                self.output.write(data)
+                return
+        fields.update(log_format="{record}", log_level=LogLevel.info, log_namespace=namespace, log_time=time.time())
+        self(fields)
+
     def stamp(self, when: float) -> str:
         """C{2026-11-29T15:00:00+0000}, computed once a second."""
         second = int(when)
@@ -260,6 +275,7 @@ def _text(observer: LineObserver, event: dict[str, Any]) -> str:
 
 
 _PLAIN = (str, int, float, bool, type(None))
+_PLAIN_CLASSES = frozenset(_PLAIN)
 
 
 def _json(observer: LineObserver, event: dict[str, Any]) -> str:
@@ -300,8 +316,7 @@ def record(log: Logger, **fields: Any) -> None:
     if _direct is None:
         log.info("{record}", **fields)
         return
-    fields.update(log_format="{record}", log_level=LogLevel.info, log_namespace=log.namespace, log_time=time.time())
-    _direct(fields)
+    _direct.record(log.namespace, fields)
 
 
 def observerFactory(format: str, limit: int = BUFFER_LIMIT, level: LogLevel = LogLevel.info) -> Callable[[IO[str]], LineObserver]:

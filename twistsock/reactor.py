@@ -30,9 +30,39 @@ _NO_FILEDESC = error.ConnectionFdescWentAway("File descriptor lost")
 
 
 class TwistsockReactor(EPollReactor):
-    """L{EPollReactor}, dispatching each event without a logging context."""
+    """L{EPollReactor}, dispatching each event without a logging context, and closing at once."""
+
+    def __init__(self) -> None:
+        # Transports told to close with nothing left to send: closed at the end of this pass.
+        self._closing: list[Any] = []
+        super().__init__()
+
+    def closeSoon(self, transport: Any) -> None:
+        """
+        Close C{transport} (a Twisted socket transport that has stopped
+        reading, marked disconnecting, with nothing buffered) at the end of
+        this reactor pass, as its C{doWrite} would on the next one: never
+        inside the caller's own stack, and without waiting to be writable.
+        """
+        self._closing.append(transport)
+
+    def _closeWaiting(self) -> None:
+        closing, self._closing = self._closing, []
+        for t in closing:
+            if not t.connected or getattr(t, "_aborting", False):
+                continue  # lost another way meanwhile (reset), or being aborted
+            if t._tempDataLen or t.offset != len(t.dataBuffer) or t.producer is not None:
+                # Written to, or given a producer, since: Twisted closes it after sending.
+                t.startWriting()
+                continue
+            try:
+                self._disconnectSelectable(t, CONNECTION_DONE, False)
+            except BaseException:
+                log.err(system=_prefix(t))
 
     def doPoll(self, timeout: float | None) -> None:
+        if self._closing:
+            self._closeWaiting()
         if timeout is None:
             timeout = -1
         try:
@@ -50,6 +80,8 @@ class TwistsockReactor(EPollReactor):
                     dispatch(selectable, fd, event)
                 except BaseException:
                     log.err(system=_prefix(selectable))
+        if self._closing:
+            self._closeWaiting()
 
     doIteration = doPoll
 
