@@ -319,3 +319,194 @@ def test_a_wildcard_port_gives_each_connection_the_address_it_came_to():
     finally:
         client.close()
         yield port.stopListening()
+
+
+# -- deadlines on the sweep: idle never early, lines, PROXY headers --
+
+from twistsock.connection import networkKey  # noqa: E402
+from twistsock.proxy import ProxyHeaderFactory  # noqa: E402
+
+
+@pytest.mark.parametrize("timeout", [1, 2, 30])
+@pytest.mark.parametrize("offset", [0.0, 0.01, 0.13, 0.24, 0.249, 0.5, 0.99])
+def test_the_idle_timeout_is_never_early_and_at_most_a_second_late(records, timeout, offset):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=timeout, lineTimeout=0, proxyTimeout=0)
+    connections.start()
+    protocol, wire = open_(connections, clock)
+    clock.advance(3 + offset)  # the last byte arrives anywhere within a tick
+    protocol.dataReceived(b".")
+    last = clock.seconds()
+    while not wire.disconnecting and clock.seconds() < last + timeout + 5:
+        clock.advance(0.01)
+    silence = clock.seconds() - last
+    assert timeout <= silence <= timeout + 1 + 1e-9, silence
+    close(protocol)
+    connections.stop()
+
+
+def line_(connections, clock, keepOpen=False):
+    from twistsock.services import ServiceConfig
+
+    factory = ConnectionFactory(ServiceFactory("upper", ServiceConfig(keepOpen=keepOpen)), TransportInfo("tcp"), connections=connections, reactor=clock)
+    protocol = factory.buildProtocol(PEER)
+    wire = StringTransport(hostAddress=HOST, peerAddress=PEER)
+    protocol.makeConnection(wire)
+    return protocol, wire
+
+
+def test_a_trickled_line_is_closed_by_the_line_deadline_though_never_idle(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=30, lineTimeout=3, proxyTimeout=0)
+    connections.start()
+    protocol, wire = line_(connections, clock)
+    clock.advance(0.3)
+    started = clock.seconds()
+    for _ in range(100):  # a byte every half second, never a newline
+        protocol.dataReceived(b"x")
+        clock.advance(0.5)
+        if wire.disconnecting:
+            break
+    assert wire.disconnecting
+    assert 3 <= clock.seconds() - started <= 4.5
+    close(protocol)
+    (record,) = records()
+    assert (record["reason"], record["detail"]) == ("line timeout", "no complete line within 3 s")
+    connections.stop()
+
+
+def test_under_keep_open_each_line_has_its_own_deadline(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=0, lineTimeout=2, proxyTimeout=0)
+    connections.start()
+    protocol, wire = line_(connections, clock, keepOpen=True)
+    for _ in range(10):  # ten lines, each taking 1.5 s in three pieces: 15 s in all
+        for piece in (b"ab", b"cd", b"ef\n"):
+            protocol.dataReceived(piece)
+            clock.advance(0.5)
+    assert not wire.disconnecting
+    assert wire.value() == b"ABCDEF\n" * 10
+    protocol.dataReceived(b"two lines\nand the start of a th")  # a new line starts in the same read
+    started = clock.seconds()
+    while not wire.disconnecting and clock.seconds() < started + 10:
+        clock.advance(0.05)  # the sweep counts its own runs: time passes in steps, as in a running reactor
+    # By its own deadline, though the read also finished a line; not before it.
+    assert 2 <= clock.seconds() - started <= 3
+    close(protocol)
+    connections.stop()
+
+
+def test_a_silent_client_of_a_line_service_is_only_idle(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=0, lineTimeout=1, proxyTimeout=0)
+    connections.start()
+    protocol, wire = line_(connections, clock)
+    clock.advance(10)
+    assert not wire.disconnecting  # no line has started: the line deadline does not apply
+    close(protocol)
+    connections.stop()
+
+
+def advance(clock, seconds, step=0.05):
+    """Let time pass in small steps, as a running reactor does (a LoopingCall skips the runs it missed)."""
+    for _ in range(round(seconds / step)):
+        clock.advance(step)
+
+
+def proxied_(connections, clock, peer=PEER):
+    """A proxy:tcp: connection as twistsock builds it: PROXY reader -> Connection -> service."""
+    factory = ProxyHeaderFactory(ConnectionFactory(ServiceFactory("echo"), TransportInfo("proxy"), connections=connections, reactor=clock))
+    protocol = factory.buildProtocol(peer)
+    wire = StringTransport(hostAddress=HOST, peerAddress=peer)
+    protocol.makeConnection(wire)
+    return protocol, wire
+
+
+def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxConnections=2, idleTimeout=0, proxyTimeout=5)
+    connections.start()
+    a, aWire = proxied_(connections, clock)
+    b, bWire = proxied_(connections, clock)
+    assert len(connections.active) == 2 and connections.opened[("echo", "proxy")] == 2
+    c, cWire = proxied_(connections, clock)
+    assert cWire.disconnecting and not aWire.disconnecting  # refused at accept: the header never mattered
+    close(c)
+    a.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nhi")
+    assert aWire.value() == b"hi"
+    close(a)
+    close(b)
+    reasons = [(r["reason"], r["detail"], r["peer"]) for r in records()]
+    assert reasons == [
+        ("limit", "max connections", "127.0.0.1:40000"),
+        ("peer closed", None, "192.0.2.7:4000"),
+        ("peer closed", "before its PROXY header (0 bytes of it)", "127.0.0.1:40000"),
+    ]
+    assert not connections.active and not connections.perPeer
+    connections.stop()
+
+
+def test_the_proxy_header_has_a_deadline_and_timeouts_are_summed_up(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=30, proxyTimeout=2)
+    connections.start()
+    opened = [proxied_(connections, clock) for _ in range(50)]
+    opened[0][0].dataReceived(b"PROXY TCP4 192.0")  # part of a header: still late
+    advance(clock, 1.95)
+    assert not any(wire.disconnecting for _, wire in opened)
+    advance(clock, 1.05)
+    assert all(wire.disconnecting for _, wire in opened)
+    for protocol, _ in opened:
+        close(protocol)
+    advance(clock, 1.5)  # a quiet second ends the burst
+    first, *rest = records()
+    assert (first["reason"], first["detail"], first["bytes_in"]) == ("proxy header timeout", "no PROXY header within 2 s", 16)
+    assert rest == []  # the other 49 are summed up
+    (summary,) = records("twistsock.connection.Connections")
+    assert (summary["count"], summary["reasons"]) == (49, "49 by proxy header timeout")
+    assert not connections.active
+    connections.stop()
+
+
+def test_the_per_peer_limit_counts_the_client_the_proxy_header_names(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxPerPeer=1, idleTimeout=0, proxyTimeout=5)
+    a, aWire = proxied_(connections, clock)
+    b, bWire = proxied_(connections, clock)  # the same balancer: counted as one client until the header
+    assert bWire.disconnecting
+    close(b)
+    a.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n")
+    assert connections.perPeer == {"192.0.2.7": 1}
+    c, cWire = proxied_(connections, clock)
+    c.dataReceived(b"PROXY TCP6 ::ffff:192.0.2.7 ::1 4001 80\r\n")  # the same client, IPv4-mapped
+    assert cWire.disconnecting
+    close(c)
+    d, dWire = proxied_(connections, clock)
+    d.dataReceived(b"PROXY TCP4 192.0.2.8 127.0.0.1 4000 80\r\n")
+    assert not dWire.disconnecting and connections.perPeer == {"192.0.2.7": 1, "192.0.2.8": 1}
+
+
+@pytest.mark.parametrize(
+    "address, prefixes, key",
+    [
+        ("192.0.2.7", (32, 64), "192.0.2.7"),
+        ("192.0.2.7", (24, 64), "192.0.2.0/24"),
+        ("2001:db8:1:2:3:4:5:6", (32, 64), "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", (32, 128), "2001:db8:1:2:3:4:5:6"),
+        ("2001:DB8:1:2::9", (32, 48), "2001:db8:1::/48"),
+        ("::ffff:192.0.2.7", (24, 64), "192.0.2.0/24"),
+        ("::ffff:c000:207", (32, 64), "192.0.2.7"),
+        ("fe80::1%eth0", (32, 128), "fe80::1"),
+    ],
+)
+def test_network_keys(address, prefixes, key):
+    assert networkKey(address, prefixes) == key
+
+
+def test_one_ipv6_client_walking_its_64_is_one_peer(records):
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxPerPeer=20, idleTimeout=0)
+    wires = [open_(connections, clock, peer=IPv6Address("TCP", f"2001:db8:0:1::{i:x}", 1))[1] for i in range(1, 151)]
+    assert sum(not w.disconnecting for w in wires) == 20
+    other = open_(connections, clock, peer=IPv6Address("TCP", "2001:db8:0:2::1", 1))[1]
+    assert not other.disconnecting

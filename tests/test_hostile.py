@@ -347,7 +347,7 @@ def test_a_proxy_port_refuses_a_connection_without_a_header_and_trusts_one_with_
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(b"hello, no header here\r\n")
             assert closedByServer(s)
-        server.waitFor(r"refused: ")
+        server.waitFor(r"echo proxy 127\.0\.0\.1:\d+ -> .*: proxy header invalid after .*, 23 bytes in, 0 bytes out \(no PROXY signature, first bytes: hello, no header here\\r\\n\)$")
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(PROXY_V1 + b"hello")
             assert s.recv(100) == b"hello"

@@ -169,3 +169,34 @@ def test_writes_and_producer_calls_reach_the_transport():
     wrapped.transport.registerProducer(wrapped.transport, True)
     assert transport.value() == b"out"
     assert transport.producer is protocol
+
+
+# -- one client, one address, whatever the header's form --
+
+
+def test_an_ipv4_mapped_client_is_the_same_client_from_v1_and_v2():
+    from twistsock._format import describe
+
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.77")
+    here = socket.inet_pton(socket.AF_INET6, "::1")
+    _, fromV2, _ = parseHeader(v2(family=0x21, body=mapped + here + struct.pack("!HH", 1, 2)))
+    _, fromV1, _ = parseHeader(b"PROXY TCP6 ::ffff:192.0.2.77 ::1 1 2\r\n")
+    _, fromV1Hex, _ = parseHeader(b"PROXY TCP6 ::ffff:c000:24d ::1 1 2\r\n")
+    assert fromV2 == fromV1 == fromV1Hex == IPv4Address("TCP", "192.0.2.77", 1)
+    assert describe(fromV1Hex) == "192.0.2.77:1"
+
+
+def test_a_scope_in_a_v1_header_is_dropped():
+    _, peer, _ = parseHeader(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n")
+    assert peer == IPv6Address("TCP", "fe80::1", 1)
+
+
+def test_control_characters_in_a_v2_unix_path_never_reach_a_log_line_raw():
+    from twistsock._format import describe
+
+    hostile = b"/tmp/\x1b[31mred\nforged line\x00"
+    body = hostile.ljust(108, b"\0") + b"/srv/sock".ljust(108, b"\0")
+    _, peer, _ = parseHeader(v2(family=0x31, body=body))
+    text = describe(peer)
+    assert text == "unix:/tmp/\\x1b[31mred\\nforged line"
+    assert text.isprintable()

@@ -64,7 +64,6 @@ ENDPOINTS = {
     "ack": "ack@ssl:0:privateKey={m.server}:interface=127.0.0.1",
     "upper-tls": "upper@tls:{m.sni}:port=0:interface=127.0.0.1",
     "ack-mtls": "ack@mtls:0:privateKey={m.server}:clientCA={m.ca}:interface=127.0.0.1",
-    "haproxy+ssl": "echo@haproxy:ssl:0:privateKey={m.server}:interface=127.0.0.1",
 }
 
 
@@ -134,14 +133,6 @@ def test_python_ssl_offering_alpn_is_served_without_a_protocol(server, material,
     with pythonClient(server.ports[key], material, key, alpn=["h2", "http/1.1", "x-anything"]) as s:
         assert s.selected_alpn_protocol() is None
         s.sendall(b"hello")
-        assert s.recv(100) == b"hello"
-
-
-def test_twisted_haproxy_wrapper_around_ssl_gets_our_contexts_too(server, material):
-    """haproxy:ssl: is Twisted's PROXY wrapper (header inside TLS) around twistsock's ssl:."""
-    with pythonClient(server.ports["haproxy+ssl"], material, "ssl", alpn=["h2"]) as s:
-        assert s.selected_alpn_protocol() is None
-        s.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4000 443\r\nhello")
         assert s.recv(100) == b"hello"
 
 

@@ -53,8 +53,9 @@ def describe(address: object) -> str:
     if isinstance(address, UNIXAddress):
         name = address.name
         if isinstance(name, bytes):
-            name = name.decode("utf-8", "backslashreplace")
-        return f"unix:{name}" if name else "unix:(unnamed)"
+            # A path from a PROXY v2 header is any 108 bytes: escaped, never raw.
+            return f"unix:{printable(name, 108)}" if name else "unix:(unnamed)"
+        return f"unix:{oneLine(name)}" if name else "unix:(unnamed)"
     return str(address)
 
 

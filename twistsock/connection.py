@@ -12,6 +12,7 @@ closes idle connections.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import logs
-from ._format import describe, errorText, host, oneLine
+from ._format import describe, errorText, oneLine
 from ._layer import Layer
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
@@ -39,6 +40,12 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 30.0
 #: Seconds open connections have to finish after SIGTERM.
 DEFAULT_DRAIN_TIMEOUT = 10.0
+#: Seconds a client of upper or ack has to send a whole line, from its first byte.
+DEFAULT_LINE_TIMEOUT = 10.0
+#: Seconds a connection to a proxy: endpoint has to send its PROXY header, from accept.
+DEFAULT_PROXY_TIMEOUT = 5.0
+#: Per-peer limits count IPv4 clients by address and IPv6 clients by /64 (what one client usually owns).
+DEFAULT_PEER_PREFIXES = (32, 64)
 #: Connections served at once, over all listening ports.
 DEFAULT_MAX_CONNECTIONS = 10000
 
@@ -51,6 +58,12 @@ LIMIT = "limit"
 SHUTDOWN = "server shutdown"
 HANDSHAKE_FAILED = "tls handshake failed"
 HANDSHAKE_TIMEOUT = "tls handshake timeout"
+LINE_TIMEOUT = "line timeout"
+PROXY_TIMEOUT = "proxy header timeout"
+PROXY_INVALID = "proxy header invalid"
+
+# Reasons recorded one per burst, the rest summed up (see Connections.recordRefusal).
+_SUMMARIZED = frozenset({LIMIT, PROXY_TIMEOUT, PROXY_INVALID})
 
 # Why a connection was refused, as the metrics say it.
 REFUSED_TOTAL = "max connections"
@@ -112,17 +125,26 @@ class Connections:
         maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         maxPerPeer: int = 0,
         idleTimeout: float = DEFAULT_IDLE_TIMEOUT,
+        lineTimeout: float = DEFAULT_LINE_TIMEOUT,
+        proxyTimeout: float = DEFAULT_PROXY_TIMEOUT,
+        peerPrefixes: tuple[int, int] = DEFAULT_PEER_PREFIXES,
     ) -> None:
         self._reactor = reactor
         self.maxConnections = maxConnections
         self.maxPerPeer = maxPerPeer
         self.idleTimeout = idleTimeout
+        self.lineTimeout = lineTimeout
+        self.proxyTimeout = proxyTimeout
+        self.peerPrefixes = peerPrefixes
         self.active: set[Connection] = set()
         self.perPeer: Counter[str] = Counter()
         #: Advanced once per sweep; a connection remembers the tick of its last read.
         self.tick = 0
-        self.tickSeconds = min(1.0, idleTimeout / 4) if idleTimeout > 0 else 1.0
-        self._idleTicks = math.ceil(idleTimeout / self.tickSeconds) if idleTimeout > 0 else 0
+        timeouts = [t for t in (idleTimeout, lineTimeout, proxyTimeout) if t > 0]
+        self.tickSeconds = min(1.0, *(t / 4 for t in timeouts)) if timeouts else 1.0
+        self._idleTicks = self.ticks(idleTimeout)
+        self.lineTicks = self.ticks(lineTimeout)
+        self.proxyTicks = self.ticks(proxyTimeout)
         self._sweeper: LoopingCall | None = None
         self.draining = False
         self._drained: defer.Deferred[None] | None = None
@@ -146,9 +168,27 @@ class Connections:
             self._reactor = reactor
         return self._reactor
 
+    def ticks(self, seconds: float) -> int:
+        """Whole ticks that make at least C{seconds} (0: no deadline)."""
+        return math.ceil(seconds / self.tickSeconds) if seconds > 0 else 0
+
+    def due(self, ticks: int) -> int:
+        """
+        The tick at whose sweep a deadline of C{ticks} set now has passed:
+        never early (the current tick began up to one tick ago), at most one
+        tick late.
+        """
+        return self.tick + ticks + 1
+
+    def peerKeyOf(self, address: object) -> str | None:
+        """What C{--max-per-peer} counts a client by: its address, or its network (see L{networkKey})."""
+        if not self.maxPerPeer or not isinstance(address, (IPv4Address, IPv6Address)):
+            return None
+        return networkKey(address.host, self.peerPrefixes)
+
     def start(self) -> None:
-        """Start sweeping idle connections."""
-        if self._idleTicks and self._sweeper is None:
+        """Start sweeping: idle connections, and the deadlines of headers and lines."""
+        if (self._idleTicks or self.lineTicks or self.proxyTicks) and self._sweeper is None:
             self._sweeper = LoopingCall(self.sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(self.tickSeconds, now=False)
@@ -159,11 +199,20 @@ class Connections:
             self._sweeper = None
 
     def sweep(self) -> None:
-        """Advance the tick; close every connection that has been silent for the idle timeout."""
-        self.tick += 1
-        oldest = self.tick - self._idleTicks
-        for connection in [c for c in self.active if c.lastTick <= oldest]:
-            connection.closeFor(IDLE_TIMEOUT, f"nothing received for {self.idleTimeout:g} s")
+        """
+        Advance the tick; close every connection silent for the idle timeout
+        (a read in tick K is at most one tick old when tick K+1 begins, so
+        silence is only certain from tick K + idle + 1 on), and every one
+        past the deadline of the stage it is in.
+        """
+        self.tick = tick = self.tick + 1
+        oldest = tick - self._idleTicks if self._idleTicks else -1
+        late = [c for c in self.active if c.lastTick < oldest or (c.due is not None and c.due <= tick)]
+        for connection in late:
+            if connection.due is not None and connection.due <= tick:
+                connection.stageTimedOut()
+            else:
+                connection.closeFor(IDLE_TIMEOUT, f"nothing received for {self.idleTimeout:g} s")
 
     def admit(self, connection: Connection) -> str | None:
         """Take a new connection in, or say why not."""
@@ -182,9 +231,30 @@ class Connections:
             self.opened[key] += 1
             self.activeBy[key] += 1
             connection.lastTick = self.tick
+            connection.admitted = True
             return None
         self.refused[(key[0], reason)] += 1
         return reason
+
+    def rekey(self, connection: Connection, peer: str | None) -> str | None:
+        """
+        Count an admitted connection by another client from now on (the one
+        its PROXY header names), or say why that client may not have one more.
+        """
+        old = connection.peerKey
+        if peer == old:
+            return None
+        if self.maxPerPeer and peer is not None and self.perPeer[peer] >= self.maxPerPeer:
+            self.refused[(connection.factory.serviceName, REFUSED_PER_PEER)] += 1
+            return REFUSED_PER_PEER
+        if old is not None:
+            self.perPeer[old] -= 1
+            if not self.perPeer[old]:
+                del self.perPeer[old]
+        if peer is not None:
+            self.perPeer[peer] += 1
+        connection.peerKey = peer
+        return None
 
     #: Seconds without a refusal that end a burst of them; seconds between two summaries while one lasts.
     BURST_QUIET = 1.0
@@ -299,6 +369,8 @@ class ConnectionFactory(Factory):
         self.service = service
         self.worker = worker
         self.serviceName = getattr(service, "name", "?")
+        #: Whether the service's protocols say when a line is waiting to be finished (upper, ack).
+        self.timesLines = callable(getattr(getattr(service, "protocol", None), "lineWaiting", None))
         self.transport = transport
         self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
         self.handshakeTimeout = handshakeTimeout
@@ -357,6 +429,24 @@ class ConnectionFactory(Factory):
         return None if protocol is None else Connection(self, protocol)
 
 
+def networkKey(address: str, prefixes: tuple[int, int] = DEFAULT_PEER_PREFIXES) -> str:
+    """
+    The client an address counts as for per-peer limits: C{192.0.2.7} with
+    prefixes C{(24, 64)} is C{192.0.2.0/24}.  IPv4-mapped IPv6 addresses count
+    as the IPv4 address; a scope (C{%eth0}) is dropped.
+    """
+    v4, v6 = prefixes
+    if ":" not in address:
+        return address if v4 == 32 else str(ipaddress.IPv4Network((address, v4), strict=False))
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return networkKey(str(ip.ipv4_mapped), prefixes)
+    return str(ip) if v6 == 128 else str(ipaddress.IPv6Network((ip, v6), strict=False))
+
+
 def _fixedAddress(port: Any) -> Any:
     """A listening port's address, if all its connections have it as their local address (None if unknown)."""
     try:
@@ -402,6 +492,15 @@ class Connection(Layer):
     why: str | None = None
     detail: str | None = None
     clientSubject: str | None = None
+    #: Counted by the limits (from accept on, beneath a PROXY header).
+    admitted = False
+    #: The tick at which the stage in progress (a PROXY header, a line) is late; None if none is timed.
+    due: int | None = None
+    _stage: str | None = None
+    #: Whether the service was connected (and so must hear of the end).
+    _serving = False
+    #: Whether each line is timed (a line service, with a line deadline).
+    _lines = False
     _handshaken = False
     _deadline: Any = None
 
@@ -410,14 +509,44 @@ class Connection(Layer):
         self.factory = factory
         self.started = time.monotonic()
 
+    def acceptedBeneath(self, transport: Any) -> bool:
+        """
+        A PROXY header reader beneath has just accepted the connection: admit
+        it now, counted and limited by the address it comes from until its
+        header names the client, and give the header its deadline.  Whether
+        it was admitted (if not, it is being closed).
+        """
+        connections = self.factory.connections
+        self.transport = transport
+        self.host = self.factory.localAddress(transport)
+        self.peerKey = connections.peerKeyOf(transport.getPeer())
+        refused = connections.admit(self)
+        if refused is not None:
+            self._ended(LIMIT, refused)
+            transport.abortConnection()
+            return False
+        if connections.proxyTicks:
+            self.due, self._stage = connections.due(connections.proxyTicks), PROXY_TIMEOUT
+        return True
+
+    def lostBeforeHeader(self, reason: Failure | None, received: int) -> None:
+        """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
+        self.bytesIn += received
+        self._ended(PEER_CLOSED, f"before its PROXY header ({received} bytes of it)")
+        self.connectionLost(reason)
+
     def makeConnection(self, transport: Any) -> None:
         # Both addresses now: a closed TCP transport can no longer tell its
         # own, and behind proxy: the peer is already the real client.
+        connections = self.factory.connections
         self.host = self.factory.localAddress(transport)
-        peer = transport.getPeer()
-        if isinstance(peer, (IPv4Address, IPv6Address)):
-            self.peerKey = host(peer.host)
-        refused = self.factory.connections.admit(self)
+        if self.admitted:
+            # Admitted at accept beneath a PROXY header, which named the client now.
+            self.due = self._stage = None
+            refused = connections.rekey(self, connections.peerKeyOf(transport.getPeer()))
+        else:
+            self.peerKey = connections.peerKeyOf(transport.getPeer())
+            refused = connections.admit(self)
         if refused is not None:
             Protocol.makeConnection(self, transport)
             self._ended(LIMIT, refused)
@@ -426,12 +555,19 @@ class Connection(Layer):
         if self.factory.transport.tls:
             _noDelay(transport)  # the handshake is several writes at once
             self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
+        self._serving = True
+        if connections.lineTicks and self.factory.timesLines:
+            self._lines = True
         super().makeConnection(transport)
 
-    @property
-    def _admitted(self) -> bool:
-        # Derived, not stored: every attribute is held once per connection.
-        return self.why != LIMIT
+    def stageTimedOut(self) -> None:
+        """The stage in progress (a PROXY header, a line) is past its deadline: close."""
+        stage, self.due, self._stage = self._stage, None, None
+        connections = self.factory.connections
+        if stage == PROXY_TIMEOUT:
+            self.closeFor(PROXY_TIMEOUT, f"no PROXY header within {connections.proxyTimeout:g} s")
+        else:
+            self.closeFor(LINE_TIMEOUT, f"no complete line within {connections.lineTimeout:g} s")
 
     def handshakeCompleted(self) -> None:
         self._handshaken = True
@@ -463,8 +599,20 @@ class Connection(Layer):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
-        self.lastTick = self.factory.connections.tick
-        self.wrapped.dataReceived(data)
+        connections = self.factory.connections
+        self.lastTick = connections.tick
+        if not self._lines:
+            self.wrapped.dataReceived(data)
+            return
+        # A line is timed from its first byte: a new one starts when none was
+        # waiting, or when this read completed one and left the start of another.
+        service = self.wrapped
+        before = service.lines
+        service.dataReceived(data)
+        if not service.lineWaiting():
+            self.due = self._stage = None
+        elif self.due is None or service.lines != before:
+            self.due, self._stage = connections.due(connections.lineTicks), LINE_TIMEOUT
 
     #: Whether Nagle's algorithm is still on: until a second write, it
     #: delays nothing (a first write has nothing unacknowledged before it),
@@ -503,7 +651,7 @@ class Connection(Layer):
             self._deadline = None
         # isinstance, not Failure.check: check walks the class's bases by name.
         clean = reason is None or isinstance(reason.value, ConnectionDone)
-        if self.factory.transport.tls and not self._handshaken and self._admitted:
+        if self.factory.transport.tls and not self._handshaken and self.admitted:
             self._ended(HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value))
         elif clean:
             self._ended(PEER_CLOSED)
@@ -512,8 +660,11 @@ class Connection(Layer):
         if self.why in (HANDSHAKE_FAILED, HANDSHAKE_TIMEOUT):
             self.factory.connections.handshakeFailures[self.factory.serviceName] += 1
         self._record()
-        if self._admitted:
+        if self.admitted:
+            self.admitted = False
             self.factory.connections.release(self)
+        if self._serving:
+            self._serving = False
             super().connectionLost(reason)
 
     def _record(self) -> None:
@@ -521,7 +672,7 @@ class Connection(Layer):
         # (string.Formatter, field by field) cost more than the connection
         # itself.  Every part is still a field of its own for JSON logs.
         factory = self.factory
-        if self.why == LIMIT and not factory.connections.recordRefusal(self.detail or LIMIT):
+        if self.why in _SUMMARIZED and not factory.connections.recordRefusal((self.detail or LIMIT) if self.why == LIMIT else self.why):
             return
         extra = f" ({self.detail})" if self.detail else ""
         if self.clientSubject:

@@ -60,6 +60,10 @@ def parseListen(text: str) -> ListenSpec:
     if not endpoint:
         raise ValueError(f"no endpoint in {text!r}")
     wrappers, kind, rest = unwrap(endpoint)
+    if "haproxy" in wrappers:
+        # Twisted's wrapper loses a reply sent after the client half-closes,
+        # and hides the TLS handshake: twistsock's proxy: has neither fault.
+        raise ValueError(f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{endpoint.partition(':')[2]}")
     if kind == "udp":
         try:
             if wrappers:

@@ -37,6 +37,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ._format import describe, printable
+from .connection import DEFAULT_PROXY_TIMEOUT, PROXY_INVALID
 from ._direct import canWriteDirectly
 from ._layer import Layer
 
@@ -88,8 +89,23 @@ def _parseV1(data: bytes):
         raise InvalidHeader("malformed v1 address") from None
     if any(h.version != version for h in hosts) or any(not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])):
         raise InvalidHeader("malformed v1 address")
-    kind = IPv4Address if version == 4 else IPv6Address
-    return end + 2, kind("TCP", str(hosts[0]), ports[0]), kind("TCP", str(hosts[1]), ports[1])
+    return end + 2, _address(hosts[0], ports[0]), _address(hosts[1], ports[1])
+
+
+def _address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> IPv4Address | IPv6Address:
+    """
+    One client, one address: an IPv4-mapped IPv6 address is the IPv4 address
+    it maps, and a scope (C{fe80::1%eth0}, which no v2 header can carry) is
+    dropped, so the same client keys and logs alike from v1 and v2 headers.
+    """
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return IPv4Address("TCP", str(mapped), port)
+        if ip.scope_id is not None:
+            ip = ipaddress.IPv6Address(ip.packed)
+        return IPv6Address("TCP", str(ip), port)
+    return IPv4Address("TCP", str(ip), port)
 
 
 def _parseV2(data: bytes):
@@ -114,7 +130,7 @@ def _parseV2(data: bytes):
         return total, IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, src), sport), IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, dst), dport)
     if addressFamily == 2 and length >= 36:
         src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        return total, IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, src), sport), IPv6Address("TCP", socket.inet_ntop(socket.AF_INET6, dst), dport)
+        return total, _address(ipaddress.IPv6Address(src), sport), _address(ipaddress.IPv6Address(dst), dport)
     if addressFamily == 3 and length >= 216:
         return total, UNIXAddress(body[:108].split(b"\0", 1)[0] or None), UNIXAddress(body[108:216].split(b"\0", 1)[0] or None)
     raise InvalidHeader("malformed v2 address block")
@@ -125,12 +141,21 @@ class ProxyHeaderProtocol(Layer):
     Read a PROXY header, then connect the wrapped protocol with the addresses
     the header gives and pass everything through.  A connection without a
     valid header is logged once and closed.
+
+    Beneath twistsock's connection layer (L{twistsock.connection.Connection},
+    possibly with TLS between), that layer takes the connection in at accept:
+    it counts against the limits, its header has a deadline, and its record
+    says how it ended.  Alone (the C{proxy:} plugin in another program), the
+    header's deadline is a timer of its own.
     """
 
     log = Logger()
     _peer: object | None = None
     _host: object | None = None
     _passing = False
+    #: twistsock's connection layer above, which took the connection in at accept.
+    _above: Any = None
+    _timer: Any = None
 
     def __init__(self, wrapped: Protocol) -> None:
         super().__init__(wrapped)
@@ -140,6 +165,23 @@ class ProxyHeaderProtocol(Layer):
         # The protocol above starts once the header says who the client is.
         self._direct = canWriteDirectly(transport)
         Protocol.makeConnection(self, transport)
+        above = _connectionAbove(self.wrapped)
+        if above is not None:
+            self._above = above
+            above.acceptedBeneath(transport)
+        elif self.factory is not None and self.factory.timeout > 0:
+            self._timer = transport.reactor.callLater(self.factory.timeout, self._timedOut) if hasattr(transport, "reactor") else None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.log.info(
+            "{peer} closed: no PROXY header within {timeout:g} s ({count} bytes of it)",
+            peer=describe(self.transport.getPeer()),
+            timeout=self.factory.timeout,
+            count=len(self._buffer),
+        )
+        self._buffer = b""
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._passing:
@@ -156,18 +198,20 @@ class ProxyHeaderProtocol(Layer):
         length, self._peer, self._host = parsed
         rest, self._buffer = self._buffer[length:], b""
         self._passing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.wrapped.makeConnection(self)
         if rest:
             self.wrapped.dataReceived(rest)
 
     def _refuse(self, why: str) -> None:
-        self.log.info(
-            "{peer} refused: {why} (first bytes: {start})",
-            peer=describe(self.transport.getPeer()),
-            why=why,
-            start=printable(self._buffer[:32]),
-        )
-        self._buffer = b""
+        start = printable(self._buffer[:32])
+        if self._above is not None:
+            self._above._ended(PROXY_INVALID, f"{why}, first bytes: {start}")  # said in its record, with the bytes counted
+        else:
+            self.log.info("{peer} refused: {why} (first bytes: {start})", peer=describe(self.transport.getPeer()), why=why, start=start)
+            self._buffer = b""
         self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:
@@ -181,8 +225,14 @@ class ProxyHeaderProtocol(Layer):
             super().writeConnectionLost()
 
     def connectionLost(self, reason: object = None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._passing:
             self.wrapped.connectionLost(reason)
+        elif self._above is not None:
+            received, self._buffer = len(self._buffer), b""
+            self._above.lostBeforeHeader(reason, received)
         elif self._buffer:
             self.log.info(
                 "{peer} closed before its PROXY header was complete ({count} bytes)",
@@ -197,13 +247,24 @@ class ProxyHeaderProtocol(Layer):
         return self._host if self._host is not None else self.transport.getHost()
 
 
+def _connectionAbove(protocol: Any) -> Any:
+    """twistsock's connection layer in the stack above a header reader (through TLS), if there is one."""
+    for _ in range(4):
+        if protocol is None or callable(getattr(type(protocol), "acceptedBeneath", None)):
+            return protocol
+        protocol = protocol.__dict__.get("wrappedProtocol")  # TLS; never a transport's attribute
+    return None
+
+
 class ProxyHeaderFactory(Factory):
     """Wrap each protocol of C{wrappedFactory} in a L{ProxyHeaderProtocol}."""
 
     noisy = False
 
-    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+    def __init__(self, wrappedFactory: IProtocolFactory, timeout: float = DEFAULT_PROXY_TIMEOUT) -> None:
         self.wrappedFactory = wrappedFactory  # the name Twisted's WrappingFactory uses
+        #: Seconds a client has to send its header (when no connection layer above times it).
+        self.timeout = timeout
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()

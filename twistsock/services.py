@@ -144,6 +144,13 @@ class LineService(StreamService):
         super().connectionMade()
         self._buffer = bytearray()
 
+    #: Lines answered so far.
+    lines = 0
+
+    def lineWaiting(self) -> bool:
+        """Whether part of a line has arrived and waits for the rest (what a line deadline times)."""
+        return not self._done and bool(self._buffer)
+
     def keepOpen(self) -> bool:
         """Whether to answer more than one line per connection."""
         return self.config.keepOpen
@@ -179,6 +186,7 @@ class LineService(StreamService):
         if len(line) > self.config.maxLine:
             self._tooLong()
             return False
+        self.lines += 1
         self.lineReceived(line)
         if not self.keepOpen():
             self._stop()

@@ -61,6 +61,9 @@ class Options(usage.Options):
         ["max-connections", None, connection.DEFAULT_MAX_CONNECTIONS, "Stream connections served at once, over all ports (0: no limit).", _number("max-connections", int)],
         ["max-per-peer", None, 0, "Stream connections served at once per client address (0: no limit).", _number("max-per-peer", int)],
         ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", _number("idle-timeout", float)],
+        ["line-timeout", None, connection.DEFAULT_LINE_TIMEOUT, "upper, ack: seconds a client has to send a whole line, from its first byte (0: no limit).", _number("line-timeout", float)],
+        ["proxy-header-timeout", None, connection.DEFAULT_PROXY_TIMEOUT, "proxy: endpoints: seconds a client has to send its PROXY header (0: no limit).", _number("proxy-header-timeout", float)],
+        ["peer-network", None, "32,64", "What --max-per-peer counts as one client: the IPv4 and IPv6 prefix lengths (32,64: an IPv4 address, an IPv6 /64; 24,48 for networks)."],
         ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", _number("drain-timeout", float)],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", _number("log-buffer", int)],
@@ -114,6 +117,9 @@ class Options(usage.Options):
                 raise usage.UsageError("--worker is for the master's use") from None
         if self["max-connections"] < 0 or self["max-per-peer"] < 0 or self["idle-timeout"] < 0 or self["drain-timeout"] < 0:
             raise usage.UsageError("--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more")
+        if self["line-timeout"] < 0 or self["proxy-header-timeout"] < 0:
+            raise usage.UsageError("--line-timeout and --proxy-header-timeout must be 0 or more")
+        self["peer-network"] = _prefixes(self["peer-network"])
         if self["metrics"] is not None:
             try:
                 checkEndpoint(self["metrics"])
@@ -165,6 +171,9 @@ def makeService(options: Options) -> IService:
         maxConnections=options["max-connections"],
         maxPerPeer=options["max-per-peer"],
         idleTimeout=options["idle-timeout"],
+        lineTimeout=options["line-timeout"],
+        proxyTimeout=options["proxy-header-timeout"],
+        peerPrefixes=options["peer-network"],
     )
     shared = dict(connections=connections, drainTimeout=options["drain-timeout"])
     worker = options["worker"]
@@ -220,3 +229,14 @@ def _ports(text: str) -> frozenset[int]:
     if any(not 0 <= p <= 65535 for p in ports):
         raise usage.UsageError("--udp-blocked-ports: ports are 0 to 65535")
     return frozenset(ports | {0})
+
+
+def _prefixes(text: str) -> tuple[int, int]:
+    """--peer-network: C{V4,V6} prefix lengths, 0-32 and 0-128."""
+    try:
+        v4, v6 = (int(part) for part in text.split(","))
+    except ValueError:
+        raise usage.UsageError(f"--peer-network: {text!r} is not two prefix lengths such as 32,64") from None
+    if not (0 <= v4 <= 32 and 0 <= v6 <= 128):
+        raise usage.UsageError(f"--peer-network: {text!r}: the IPv4 prefix is 0 to 32, the IPv6 one 0 to 128")
+    return v4, v6
