@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import stat
 import threading
+import time
+
+import pytest
 
 from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
 from test_operations import metric, scrape
@@ -110,3 +115,91 @@ def test_sigterm_drains_every_worker_without_losing_bytes():
     server.stop()
     assert len([line for line in server.lines if re.search(r"worker \d \(pid \d+\) ended: signal 15", line)]) == 2
     assert "Traceback" not in "\n".join(server.lines)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def echoed(s: socket.socket, data: bytes) -> bytes:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_sigkill_of_the_master_frees_the_port_for_an_immediate_restart():
+    port = freePort()
+    args = ("--listen", f"tcp:{port}:interface=127.0.0.1")
+    first = start(*args)
+    old = workerPids(first)
+    # An open connection kept a worker draining (and the port bound) for the whole --drain-timeout.
+    held = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        assert echoed(held, b"open") == b"open"
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(WAIT)
+        # first.stop() would wait for the end of the output the workers share: not yet.
+        second = startServer(*args)  # at once: it exits with status 1 if the port is still bound
+        try:
+            result = twistsock("echo", f"tcp:127.0.0.1:{port}", "again")
+            assert result.returncode == 0 and result.stdout == b"Received: again\n", result.stderr
+        finally:
+            second.stop()
+        for _ in range(int(WAIT * 10)):
+            if not any(alive(pid) for pid in old.values()):
+                break
+            time.sleep(0.1)
+        assert [pid for pid in old.values() if alive(pid)] == []
+    finally:
+        held.close()
+        first.stop()
+
+
+def test_during_the_drain_every_process_refuses_new_clients_and_open_ones_finish(short_tmp):
+    path = short_tmp / "d.sock"
+    server = start("--drain-timeout", "20", "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{path}")
+    port = next(e for e in server.listening if e.endpoint.startswith("tcp:")).port
+    open_ = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        assert echoed(open_, b"before") == b"before"
+        server.process.send_signal(signal.SIGTERM)
+        # The busy worker has closed its sockets once it drains; the idle one has ended.
+        server.waitFor(r"draining 1 connections")
+        server.waitFor(r"worker \d \(pid \d+\) ended: signal 15")
+        refused = socket.socket()
+        with pytest.raises(ConnectionRefusedError):
+            refused.connect(("127.0.0.1", port))
+        refused.close()
+        unixClient = socket.socket(socket.AF_UNIX)
+        with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+            unixClient.connect(str(path))
+        unixClient.close()
+        assert echoed(open_, b"during the drain") == b"during the drain"
+        open_.shutdown(socket.SHUT_WR)
+        assert open_.recv(1) == b""
+    finally:
+        open_.close()
+    assert server.process.wait(WAIT) == -signal.SIGTERM
+    server.stop()
+    assert not path.exists()
+
+
+def test_a_unix_socket_keeps_its_mode_when_workers_adopt_it(short_tmp):
+    path = short_tmp / "m.sock"
+    server = start("--listen", f"unix:{path}:mode=600")
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert twistsock("echo", f"unix:path={path}", "x").returncode == 0
+    finally:
+        server.stop()

@@ -2,7 +2,8 @@
 Server endpoint strings as twistsock reads them: Twisted's, except that
 C{ssl:}, C{tls:} and C{mtls:} are twistsock's TLS (L{twistsock.tls}), with
 Mozilla's profiles and no ALPN trouble, wherever they stand (C{proxy:ssl:...},
-Twisted's C{haproxy:ssl:...}, under C{--workers} too).
+Twisted's C{haproxy:ssl:...}, under C{--workers} too), and C{unix:} with a lock
+reclaims a stale one by whether the socket answers (L{twistsock._unixlock}).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols.haproxy import proxyEndpoint
 
+from ._unixlock import ReclaimingUNIXEndpoint
 from .tls import SERVERS
 
 
@@ -29,7 +31,10 @@ def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
         return proxyEndpoint(serverFromString(reactor, rest))
     build = SERVERS.get(kind)
     if build is None:
-        return endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description)
+        if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+            return ReclaimingUNIXEndpoint(endpoint)
+        return endpoint
     args, kwargs = parseArguments(rest)
     if len(args) > 1:
         raise ValueError(f"{kind}: a ':' inside a value is written '\\:' (interface=\\:\\:1), so {':'.join(args[1:])!r} is not a key=value")

@@ -5,8 +5,10 @@ The master listens on every stream endpoint as usual, but never accepts on
 those sockets: it hands them to N worker processes, each a C{twist sockets}
 that adopts them (C{reactor.adoptStreamPort}) and serves, so that all the
 machine's cores serve and the kernel spreads the connections.  The master
-restarts a worker that dies, and on SIGTERM has every worker drain before it
-exits.
+restarts a worker that dies, and on SIGTERM closes its sockets and has every
+worker close its own and drain before it exits: new clients are refused at
+once, by every process.  A worker never outlives its master: on Linux the
+kernel kills it when the master ends, however it ends (L{dieWithMaster}).
 
 Adopting works for every stream endpoint, TLS and PROXY included: the worker
 parses the same endpoint string with a reactor whose C{listenTCP},
@@ -21,6 +23,7 @@ the tallies each worker sends it every second over a pipe.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -33,6 +36,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from ._unixlock import adoptUNIXPort
 from .listen import ListeningService, SocketsService
 from .metrics import Tallies, add
 
@@ -42,10 +46,23 @@ FIRST_FD = 3
 REPORT_INTERVAL = 1.0
 #: The longest wait before restarting a worker that keeps dying.
 MAX_BACKOFF = 30.0
+#: The environment variable that tells a worker its master's PID.
+MASTER_PID = "TWISTSOCK_MASTER_PID"
+#: The signal the kernel sends a worker when its master ends (see L{dieWithMaster}).
+MASTER_DEATH_SIGNAL = signal.SIGKILL
 
 
 class AdoptingReactor:
-    """A reactor whose listen calls adopt one inherited listening socket."""
+    """
+    A reactor whose listen calls adopt one inherited listening socket.
+
+    The port works on a copy of the descriptor; the inherited one is closed
+    once adopted, so that closing the port (at drain) closes the socket in
+    this process.  A UNIX port leaves the path to the master (L{adoptUNIXPort}).
+    """
+
+    #: It binds nothing, so there is no stale UNIX lock to reclaim (L{twistsock._unixlock}).
+    adopting = True
 
     def __init__(self, reactor: Any, fd: int, family: int) -> None:
         self._reactor = reactor
@@ -55,17 +72,27 @@ class AdoptingReactor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
+    def _adopt(self, factory: Any, closeInherited: bool = True) -> Any:
+        if self.family == socket.AF_UNIX:
+            port = adoptUNIXPort(self._reactor, self.fd, factory)
+        else:
+            port = self._reactor.adoptStreamPort(self.fd, self.family, factory)
+        if closeInherited:
+            os.close(self.fd)
+        return port
+
     def listenTCP(self, port, factory, backlog=50, interface=""):
-        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+        return self._adopt(factory)
 
     def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
-        return self._reactor.adoptStreamPort(self.fd, self.family, TLSMemoryBIOFactory(contextFactory, False, factory))
+        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
-        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+        return self._adopt(factory)
 
     def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
-        return self._reactor.adoptStreamPort(self.fd, self.family, factory)
+        # The caller closes its fileDescriptor (IReactorSocket's contract): if it is ours, once is enough.
+        return self._adopt(factory, closeInherited=fileDescriptor != self.fd)
 
 
 def familyOf(address: object) -> int:
@@ -176,7 +203,8 @@ class MasterService(SocketsService):
         argv = [*self.workerArgv, "--worker", f"{index}:{sockets}:{report}"]
         worker = _Worker(self, index)
         self.workers[index] = worker
-        process = self.reactor.spawnProcess(worker, sys.executable, argv, env=os.environ.copy(), childFDs=childFDs)
+        env = {**os.environ, MASTER_PID: str(os.getpid())}
+        process = self.reactor.spawnProcess(worker, sys.executable, argv, env=env, childFDs=childFDs)
         self.processes[index] = process
         worker.started = self.reactor.seconds()
         worker.pid = process.pid
@@ -209,8 +237,19 @@ class MasterService(SocketsService):
         return super().healthy() and not self._stopping
 
     def stopService(self) -> defer.Deferred[None]:
-        """SIGTERM every worker and wait while they drain; then stop as a single process does."""
+        """
+        Close every socket this process holds, then SIGTERM every worker
+        (each closes its copies and drains) and wait for them; then stop as
+        a single process does.  The kernel refuses new clients as soon as the
+        last copy of a listening socket is closed, and a UNIX path is removed
+        with the master's socket.
+        """
         self._stopping = True
+        ports = [child for child in self if child is not self.metrics and child.running]
+        closed = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in ports])
+        return closed.addCallback(lambda _: self._stopWorkers())
+
+    def _stopWorkers(self) -> defer.Deferred[None]:
         ends = []
         for index, worker in self.workers.items():
             if not worker.ended.called:
@@ -285,6 +324,7 @@ class WorkerService(SocketsService):
     def startService(self) -> None:
         from twisted.internet.task import LoopingCall
 
+        dieWithMaster()
         super().startService()
         self._reporter = LoopingCall(self.report)
         self._reporter.clock = self.reactor
@@ -306,3 +346,32 @@ class WorkerService(SocketsService):
         if self._reporter is not None and self._reporter.running:
             self._reporter.stop()
         return super().stopService().addCallback(lambda _: self.report())
+
+
+def dieWithMaster() -> None:
+    """
+    In a worker (its environment names the master's PID): have the kernel
+    send L{MASTER_DEATH_SIGNAL} to this process when the master ends, by
+    SIGKILL too, so that no orphan keeps the sockets (Linux: PR_SET_PDEATHSIG);
+    if the master has already ended, end now.  Elsewhere, nothing.
+
+    SIGKILL, not SIGTERM: a master is killed when it is to stop at once (the
+    OOM killer, or a supervisor whose stop deadline has passed, the drain
+    having had its time); a worker that drained on its own would outlive
+    the master by up to --drain-timeout.
+    """
+    master = os.environ.get(MASTER_PID)
+    if not master or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(MASTER_DEATH_SIGNAL), 0, 0, 0) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"prctl(PR_SET_PDEATHSIG): {os.strerror(number)}")
+    # The master may have ended before the signal was asked for: then this
+    # process has a new parent, and no signal will come.
+    if os.getppid() != int(master):
+        os.kill(os.getpid(), MASTER_DEATH_SIGNAL)
+
+
+#: From <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
