@@ -55,7 +55,7 @@ def test_usage_errors_exit_64_with_one_message(argv, message, capsys):
 
 def test_exit_statuses_are_the_client_errors():
     """The documented table and the exception classes agree."""
-    statuses = {cls.exitStatus: cls for cls in (client.ConnectionFailed, client.UnknownHost, client.ConnectionRefused, client.Timeout, client.EchoMismatch, client.CertificateError, client.TLSFailed)}
+    statuses = {cls.exitStatus: cls for cls in (client.ConnectionFailed, client.UnknownHost, client.ConnectionRefused, client.Timeout, client.EchoMismatch, client.CertificateError, client.TLSFailed, client.ServerError)}
     assert set(statuses) | {0, 64, 130} == set(cli.EXIT_STATUSES)
 
 
@@ -66,3 +66,67 @@ def test_every_help_prints_and_exits_0(command, capsys):
         cli.main([*command, "--help"])
     assert exited.value.code == 0
     assert "usage: twistsock" in capsys.readouterr().out
+
+
+# -- through a subprocess: one line and a documented status, never a traceback --
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from conftest import TWISTSOCK, WAIT, freePort, startServer, twistsock  # noqa: E402
+
+
+def test_a_server_error_reply_exits_8():
+    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1", "--max-line", "10")
+    try:
+        result = twistsock("upper", "127.0.0.1", str(server.service("upper").port), "x" * 20)
+    finally:
+        server.stop()
+    assert result.returncode == 8, result.stderr
+    assert result.stderr.decode().splitlines() == [f"twistsock: 127.0.0.1 port {server.service('upper').port}: the server answered with an error: line longer than 10 bytes"]
+
+
+def waitUntilReadingStandardInput(pid: int) -> None:
+    """Until the process blocks in read(0, ...) (Linux x86-64: syscall 0, first argument 0)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/syscall").read().startswith("0 0x0 "):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("the client never waited for standard input")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_waiting_for_standard_input_exits_130_in_one_line(number):
+    process = subprocess.Popen([TWISTSOCK, "ack", "127.0.0.1", str(freePort())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        waitUntilReadingStandardInput(process.pid)
+        process.send_signal(number)
+        out, err = process.communicate(timeout=WAIT)
+    finally:
+        process.stdin.close()
+    assert process.returncode == 130
+    assert err.decode().strip() == "twistsock: interrupted" and b"Traceback" not in err
+
+
+@pytest.mark.parametrize("target, size, limit", [("127.0.0.1", 65508, 65507), ("::1", 65528, 65527)])
+def test_an_oversized_datagram_is_a_usage_error(target, size, limit):
+    result = twistsock("udp", target, "9", "x" * size)
+    assert result.returncode == 64
+    (line,) = result.stderr.decode().splitlines()
+    assert f"holds at most {limit} bytes, not {size}" in line
+
+
+def test_a_bracketed_ipv6_tcp_target_and_a_fractional_timeout():
+    server = startServer("--listen", "echo@tcp6:0:interface=\\:\\:1")
+    try:
+        port = server.service("echo").port
+        result = twistsock("echo", f"tcp:[::1]:{port}:timeout=2.5", "hi")
+    finally:
+        server.stop()
+    assert (result.returncode, result.stdout) == (0, b"Received: hi\n"), result.stderr

@@ -293,3 +293,75 @@ def test_timeout_on_loopback_against_a_silent_server(listen):
     port = yield listen("sink")
     with pytest.raises(client.Timeout):
         yield client.echo(f"tcp:127.0.0.1:{port.getHost().port}", b"x", timeout=0.5)
+
+
+# -- misuse fails at once, errors say what happened ----------------------
+
+
+@pytest.mark.parametrize("call", [client.send, client.echo, client.upper, client.ack])
+def test_text_where_bytes_are_expected_is_a_type_error_at_once(call):
+    with pytest.raises(TypeError, match=r"must be bytes, not str \(encode text first"):
+        call(("127.0.0.1", 9), "text", reactor=MemoryReactorClock())
+
+
+def test_udp_text_is_a_type_error_at_once():
+    with pytest.raises(TypeError, match="must be bytes, not str"):
+        client.udp(("127.0.0.1", 9), "text", reactor=MemoryReactorClock())
+
+
+@pytest.mark.parametrize("timeout, kind", [(0, ValueError), (-1, ValueError), (float("nan"), ValueError), ("5", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("call", [client.send, client.echo, client.upper, client.ack, client.udp])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_at_once(call, timeout, kind):
+    with pytest.raises(kind, match="timeout must be"):
+        call(("127.0.0.1", 9), b"x", timeout=timeout, reactor=MemoryReactorClock())
+
+
+def test_datagram_sizes_follow_the_address_family():
+    clock = MemoryReactorClock()
+    with pytest.raises(ValueError, match="at most 65507 bytes"):
+        client.udp(("127.0.0.1", 9), b"x" * 65508, reactor=clock)
+    client.udp(("::1", 9), b"x" * 65527, reactor=clock)  # IPv6 allows 20 bytes more: accepted
+    with pytest.raises(ValueError, match="at most 65527 bytes"):
+        client.udp(("::1", 9), b"x" * 65528, reactor=clock)
+
+
+def test_an_ipv6_literal_in_brackets_in_a_tcp_target():
+    endpoint = client.endpoint("tcp:[::1]:5000:timeout=2", reactor=MemoryReactorClock())
+    assert isinstance(endpoint, HostnameEndpoint)
+    assert (endpoint._hostText, endpoint._port, endpoint._timeout) == ("::1", 5000, 2.0)
+
+
+def test_a_server_error_reply_is_a_server_error():
+    protocol = client._Line(b"x" * 10)
+    made(protocol)
+    protocol.dataReceived(b"error: line longer than 65536 bytes\n")
+    failure = outcome(protocol.done)
+    assert failure.check(client.ServerError) and failure.value.exitStatus == 8
+    assert "line longer than 65536 bytes" in str(failure.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connect_the_server_never_completes_is_a_timeout_naming_the_connect_timeout():
+    """A full accept queue: the SYN is never answered, Twisted cancels its attempt."""
+    import socket
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue (bounded): further SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        with pytest.raises(client.Timeout, match=r"timed out connecting after 0\.5 s"):
+            yield client.echo(f"tcp:127.0.0.1:{port}:timeout=0.5", b"x", timeout=5)
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -26,6 +27,7 @@ EXIT_STATUSES = {
     5: "echo mismatch",
     6: "TLS: the server's certificate is not trusted or not for this host",
     7: "TLS handshake failed (e.g. the server refused our certificate)",
+    8: "the server answered with an error (e.g. a line over its limit)",
     64: "usage error",
     130: "interrupted (SIGINT or SIGTERM)",
 }
@@ -169,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "certs":
         _certs(args)
         return
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # while standard input is read, before the reactor runs
     try:
         target, words = splitTarget(args.words)
         # A malformed target or certificate file is a usage error, before anything runs.
@@ -179,7 +182,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         run = _COMMANDS[args.command](args, target, _message(words))
     except ValueError as e:
         parser.error(str(e))
-    task.react(_react, (run,))
+    except KeyboardInterrupt:
+        sys.stderr.write("\ntwistsock: interrupted\n")
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    task.react(_react, (run, parser))
+
+
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _certs(args: argparse.Namespace) -> None:
@@ -193,7 +205,7 @@ def _certs(args: argparse.Namespace) -> None:
     print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
 
-def _react(reactor, run: Callable[[object], defer.Deferred[None]]) -> defer.Deferred[None]:
+def _react(reactor, run: Callable[[object], defer.Deferred[None]], parser: _Parser) -> defer.Deferred[None]:
     finished: list[bool] = []
     interrupted: list[bool] = []
     exchange = defer.maybeDeferred(run, reactor)
@@ -209,6 +221,8 @@ def _react(reactor, run: Callable[[object], defer.Deferred[None]]) -> defer.Defe
         if interrupted:
             sys.stderr.write("twistsock: interrupted\n")
             raise SystemExit(130)
+        if reason.check(ValueError, TypeError):  # what the target or message turned out to be (a datagram too large for IPv4)
+            parser.error(str(reason.value))
         reason.trap(client.ClientError)
         sys.stderr.write(f"twistsock: {reason.value}\n")
         raise SystemExit(reason.value.exitStatus)

@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from . import tls
 from .certs import hostName
-from ._format import errorText, splitHostTarget
+from ._format import errorText, printable, splitHostTarget
 
 __all__ = [
     "Target",
@@ -52,6 +52,7 @@ __all__ = [
     "EchoMismatch",
     "CertificateError",
     "TLSFailed",
+    "ServerError",
     "ConnectionFailed",
     "DEFAULT_TIMEOUT",
     "endpoint",
@@ -121,11 +122,32 @@ class TLSFailed(ClientError):
     exitStatus = 7
 
 
+class ServerError(ClientError):
+    """The server answered with an error (C{error: line longer than 65536 bytes}); C{reply} holds its line."""
+
+    exitStatus = 8
+
+    def __init__(self, message: str, reply: bytes = b"") -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+def _check(data: object, name: str, timeout: float) -> None:
+    """Misuse fails at once, with the type or value that is wrong."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes, not {type(data).__name__} (encode text first: {name}.encode())")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+
+
 def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
     """
     Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
     once every byte is handed to the peer's kernel and the connection closed.
     """
+    _check(data, "data", timeout)
     return _exchange(target, _Send(data), timeout, ca, cert, reactor)
 
 
@@ -135,14 +157,17 @@ def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: s
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
     differs, on extra bytes, or if the server closes before all came back.
     """
+    _check(data, "data", timeout)
     return _exchange(target, _Echo(data), timeout, ca, cert, reactor)
 
 
 def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one line and fire with the server's reply line, without its ending
-    (seed 002's TCPClient).
+    (seed 002's TCPClient).  A reply that is the server's error (C{error: ...})
+    fails with L{ServerError}.
     """
+    _check(line, "line", timeout)
     if b"\n" in line:
         raise ValueError("upper sends one line: the line must not contain a newline")
     return _exchange(target, _Line(line), timeout, ca, cert, reactor)
@@ -151,8 +176,11 @@ def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: 
 def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one message (a line) and fire with the server's reply, read until it
-    closes (seed 003's client).
+    closes (seed 003's client).  A reply that is the server's error
+    (C{error: ...}) fails with L{ServerError}.
     """
+    _check(message, "message", timeout)
+    message = bytes(message)
     if b"\n" in message.rstrip(b"\n"):
         raise ValueError("ack sends one message: the message must not contain a newline")
     return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor)
@@ -163,8 +191,10 @@ _PENDING = object()
 
 #: How many times udp() sends again when no reply has come, unless told otherwise.
 DEFAULT_RETRIES = 2
-#: The largest datagram udp() sends (over IPv4; IPv6 allows 65527).
+#: The largest datagram udp() sends to an IPv4 address (65535 less the IPv4 and UDP headers).
 MAX_DATAGRAM = 65507
+#: The largest datagram to an IPv6 address (65535 less the UDP header; no jumbograms).
+MAX_DATAGRAM6 = 65527
 
 
 def udp(
@@ -181,15 +211,17 @@ def udp(
     no reply has come.  The socket is connected, so only the target can answer.
     C{target} is C{udp:HOST:PORT} (C{udp:[::1]:5000}) or C{(host, port)}.
     """
+    _check(data, "data", timeout)
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     host, port = udpTarget(target)
-    if len(data) > MAX_DATAGRAM:
-        raise ValueError(f"a datagram holds at most {MAX_DATAGRAM} bytes, not {len(data)}")
-    if retries < 0:
-        raise ValueError("retries must be 0 or more")
+    limit = MAX_DATAGRAM6 if isIPv6Address(host) else MAX_DATAGRAM if isIPAddress(host) else MAX_DATAGRAM6
+    if len(data) > limit:
+        raise ValueError(f"a datagram to {host} holds at most {limit} bytes, not {len(data)}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number, 0 or more, not {retries!r}")
     where = _describe(target)
-    exchange = _DatagramExchange(reactor, data, timeout / (retries + 1), retries + 1)
+    exchange = _DatagramExchange(reactor, bytes(data), timeout / (retries + 1), retries + 1)
     exchange.peerPort = port
     d = _resolve(reactor, host, port).addCallback(exchange.start)
     d.addTimeout(timeout, reactor)
@@ -254,6 +286,8 @@ class _DatagramExchange(DatagramProtocol):
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
     def start(self, address: str) -> defer.Deferred[bytes]:
+        if ":" not in address and len(self.data) > MAX_DATAGRAM:  # a name that resolved to IPv4
+            raise ValueError(f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} bytes, not {len(self.data)}")
         interface = "::" if ":" in address else "0.0.0.0"
         self.port = self.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024)
         self.transport.connect(address, self.peerPort)
@@ -406,15 +440,25 @@ class _Line(_Exchange):
         self.buffer += chunk
         end = self.buffer.find(b"\n", start)
         if end >= 0:
-            self.succeed(bytes(self.buffer[:end]).removesuffix(b"\r"))
+            self.reply(bytes(self.buffer[:end]).removesuffix(b"\r"))
         elif len(self.buffer) > self.limit:
             self.fail(ConnectionFailed(f"reply longer than {self.limit} bytes"))
 
+    def reply(self, line: bytes) -> None:
+        if line.startswith(SERVER_ERROR):
+            self.fail(ServerError(f"the server answered with an error: {printable(line[len(SERVER_ERROR):])}", line))
+        else:
+            self.succeed(line)
+
     def ended(self, reason: Failure) -> None:
         if self.buffer and reason.check(error.ConnectionDone):
-            self.succeed(bytes(self.buffer))
+            self.reply(bytes(self.buffer))
         else:
             super().ended(reason)
+
+
+#: How twistsock's line services begin an error reply.
+SERVER_ERROR = b"error: "
 
 
 class _UntilClose(_Exchange):
@@ -436,7 +480,12 @@ class _UntilClose(_Exchange):
 
     def ended(self, reason: Failure) -> None:
         if self.buffer and reason.check(error.ConnectionDone):
-            self.done.callback(bytes(self.buffer))
+            reply = bytes(self.buffer)
+            if reply.startswith(SERVER_ERROR):
+                said = printable(reply[len(SERVER_ERROR) :].rstrip(b"\r\n"))
+                self.done.errback(ServerError(f"the server answered with an error: {said}", reply))
+            else:
+                self.done.callback(reply)
         else:
             super().ended(reason)
 
@@ -488,10 +537,44 @@ def endpoint(
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
         return HostnameEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout=timeout)
+    if isinstance(target, str) and target.startswith("tcp:"):
+        # Built here: Twisted's tcp: parser splits an IPv6 literal at its
+        # colons, wants a whole number of seconds, and resolves IPv4 only.
+        try:
+            _, host, port, options = splitHostTarget(target)
+        except ValueError as e:
+            raise ValueError(f"bad target {target!r}: {e}") from None
+        unknown = set(options) - {"timeout", "bindAddress"}
+        if unknown:
+            raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(unknown))}")
+        bind = options.get("bindAddress")
+        return HostnameEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, timeout=_number(options.get("timeout", timeout), target), bindAddress=(bind, 0) if bind else None)
     try:
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target
-        raise ValueError(f"bad target {target!r}: {e}") from None
+        raise ValueError(f"bad target {target!r}: {errorText(e)}") from None
+
+
+def _number(text: object, target: str) -> float:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"bad target {target!r}: timeout={text!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"bad target {target!r}: timeout must be more than 0")
+    return value
+
+
+def targetTimeout(target: Target, timeout: float) -> float:
+    """The connect timeout a target names itself (C{tcp:HOST:PORT:timeout=1}), else C{timeout}."""
+    if isinstance(target, str):
+        for field in target.split(":")[1:]:
+            if field.startswith("timeout="):
+                try:
+                    return min(timeout, float(field[len("timeout=") :]))
+                except ValueError:
+                    return timeout
+    return timeout
 
 
 def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str | None) -> IStreamClientEndpoint:
@@ -528,10 +611,26 @@ def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | Non
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     where = _describe(target)
+    connectTimeout = targetTimeout(target, timeout)
     d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), protocol)
-    d.addCallback(lambda p: p.done)
+    d.addCallbacks(lambda p: p.done, lambda f: _timedOutConnecting(f, connectTimeout))
     d.addTimeout(timeout, reactor)
     return d.addErrback(_translate, where, timeout)
+
+
+class _ConnectTimeout(Exception):
+    """The connection was not made within the connect timeout (as the endpoint string may set it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+def _timedOutConnecting(reason: Failure, seconds: float) -> Failure:
+    # Twisted's HostnameEndpoint reports its own timeout as a cancelled
+    # connection attempt (a full accept queue never completes the handshake).
+    if reason.check(error.TimeoutError, error.ConnectingCancelledError):
+        raise _ConnectTimeout(seconds)
+    return reason
 
 
 def _translate(reason: Failure, where: str, timeout: float) -> Failure:
@@ -545,7 +644,9 @@ def _translate(reason: Failure, where: str, timeout: float) -> Failure:
         raise ConnectionRefused(f"{where}: connection refused")
     if _errno(e) == errno.ENOENT:  # a UNIX socket path where nothing listens
         raise ConnectionRefused(f"{where}: connection refused: {errorText(e)}")
-    if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
+    if isinstance(e, _ConnectTimeout):
+        raise Timeout(f"{where}: timed out connecting after {e.seconds:g} s")
+    if isinstance(e, (defer.TimeoutError, error.TimeoutError, error.ConnectingCancelledError)):
         raise Timeout(f"{where}: timed out after {timeout:g} s")
     if isinstance(e, (error.ConnectError, error.ConnectionLost, OSError)):
         raise ConnectionFailed(f"{where}: {errorText(e)}")
