@@ -35,3 +35,12 @@ def test_ipv6_literal():
     assert isIPv6Literal("fe80::1")
     assert not isIPv6Literal("127.0.0.1")
     assert not isIPv6Literal("tcp:127.0.0.1:5000")
+
+
+def test_invisible_characters_that_reorder_or_hide_text_are_escaped():
+    from twistsock._format import oneLine
+
+    hostile = "ack \u202eevil\u2066x\u200by\ufeffz"
+    assert printable(hostile.encode()) == "ack \\u202eevil\\u2066x\\u200by\\ufeffz"
+    assert oneLine(hostile) == "ack \\u202eevil\\u2066x\\u200by\\ufeffz"
+    assert oneLine("café ünïcode") == "café ünïcode"  # ordinary letters stay

@@ -170,3 +170,35 @@ def test_a_later_listen_failure_stops_the_reactor_and_exits_1():
     root.fail("cannot listen on x:1 (echo): Permission denied")
     assert reactor.hasStopped
     assert reactor.triggers["after"]["shutdown"] == [(_exitNow, (1,), {})]
+
+
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        ("haproxy:tcp:5000", "use proxy:tcp:5000"),
+        ("HAProxy:tcp:5000", "use proxy:tcp:5000"),
+        ("upper@proxy:HAPROXY:tcp:5000", "use proxy:tcp:5000"),
+        ("proxy:proxy:tcp:5000", "one PROXY header per connection: use proxy:tcp:5000"),
+    ],
+)
+def test_twisteds_haproxy_and_a_double_proxy_are_refused_in_any_case(text, hint):
+    with pytest.raises(ValueError, match=hint):
+        parseListen(text)
+
+
+@pytest.mark.parametrize("option", ["--idle-timeout", "--line-timeout", "--proxy-header-timeout", "--drain-timeout", "--tls-handshake-timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-inf"])
+def test_timeouts_must_be_finite(option, value):
+    from twistsock.tap import ConfigurationError, Options
+
+    with pytest.raises(ConfigurationError) as raised:
+        Options().parseOptions([option, value])
+    assert "not a finite number" in raised.value.message
+
+
+def test_workers_are_bounded():
+    from twistsock.tap import MAX_WORKERS, ConfigurationError, Options
+
+    with pytest.raises(ConfigurationError) as raised:
+        Options().parseOptions(["--workers", "100000"])
+    assert f"--workers must be from 0 to {MAX_WORKERS}" in raised.value.message

@@ -318,3 +318,19 @@ async def test_a_silent_or_trickling_client_is_closed_at_the_deadline():
     assert status == 200
     # The server closed every one (the thread's result reaches the reactor after their connectionLost).
     assert site.openConnections == 0 and site.refusedConnections == 0
+
+
+def test_head_gets_the_headers_and_logs_nothing(metricsServer):
+    import http.client
+
+    server, port, _ = metricsServer
+    for path in ("/healthz", "/metrics"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        try:
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            assert response.status == 200 and response.read() == b""
+            assert int(response.getheader("Content-Length")) > 0
+        finally:
+            connection.close()
+    assert not [line for line in server.lines if "HEAD request" in line]

@@ -141,7 +141,8 @@ class Connections:
         #: Advanced once per sweep; a connection remembers the tick of its last read.
         self.tick = 0
         timeouts = [t for t in (idleTimeout, lineTimeout, proxyTimeout) if t > 0]
-        self.tickSeconds = min(1.0, *(t / 4 for t in timeouts)) if timeouts else 1.0
+        # At least 50 ms: a deadline shorter than a few ticks is as precise as a tick allows.
+        self.tickSeconds = max(0.05, min(1.0, *(t / 4 for t in timeouts))) if timeouts else 1.0
         self._idleTicks = self.ticks(idleTimeout)
         self.lineTicks = self.ticks(lineTimeout)
         self.proxyTicks = self.ticks(proxyTimeout)
@@ -512,14 +513,14 @@ class Connection(Layer):
     def acceptedBeneath(self, transport: Any) -> bool:
         """
         A PROXY header reader beneath has just accepted the connection: admit
-        it now, counted and limited by the address it comes from until its
-        header names the client, and give the header its deadline.  Whether
-        it was admitted (if not, it is being closed).
+        it now, counted against C{--max-connections}, and give the header its
+        deadline.  C{--max-per-peer} applies once the header names the client:
+        before it, every connection comes from the load balancer.  Whether it
+        was admitted (if not, it is being closed).
         """
         connections = self.factory.connections
         self.transport = transport
         self.host = self.factory.localAddress(transport)
-        self.peerKey = connections.peerKeyOf(transport.getPeer())
         refused = connections.admit(self)
         if refused is not None:
             self._ended(LIMIT, refused)
@@ -529,8 +530,13 @@ class Connection(Layer):
             self.due, self._stage = connections.due(connections.proxyTicks), PROXY_TIMEOUT
         return True
 
+    #: No record: a load balancer's health check (connected, closed, sent nothing).
+    _quiet = False
+
     def lostBeforeHeader(self, reason: Failure | None, received: int) -> None:
         """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
+        if self.why is None and not received:
+            self._quiet = True  # HAProxy's TCP check: connect, close (or reset), not a byte
         self.bytesIn += received
         self._ended(PEER_CLOSED, f"before its PROXY header ({received} bytes of it)")
         self.connectionLost(reason)
@@ -672,6 +678,8 @@ class Connection(Layer):
         # (string.Formatter, field by field) cost more than the connection
         # itself.  Every part is still a field of its own for JSON logs.
         factory = self.factory
+        if self._quiet:
+            return
         if self.why in _SUMMARIZED and not factory.connections.recordRefusal((self.detail or LIMIT) if self.why == LIMIT else self.why):
             return
         extra = f" ({self.detail})" if self.detail else ""

@@ -60,10 +60,6 @@ def parseListen(text: str) -> ListenSpec:
     if not endpoint:
         raise ValueError(f"no endpoint in {text!r}")
     wrappers, kind, rest = unwrap(endpoint)
-    if "haproxy" in wrappers:
-        # Twisted's wrapper loses a reply sent after the client half-closes,
-        # and hides the TLS handshake: twistsock's proxy: has neither fault.
-        raise ValueError(f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{endpoint.partition(':')[2]}")
     if kind == "udp":
         try:
             if wrappers:
@@ -87,6 +83,7 @@ def checkEndpoint(endpoint: str) -> None:
 
     @raise ValueError: it does not parse, or names unreadable files.
     """
+    _checkWrappers(endpoint)
     _, kind, rest = unwrap(endpoint)
     try:
         if kind in _PORTED:
@@ -100,6 +97,26 @@ def checkEndpoint(endpoint: str) -> None:
         if kind == "systemd" and "LISTEN_FDNAMES" not in os.environ:
             hint = " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
         raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
+
+
+def _checkWrappers(endpoint: str) -> None:
+    """
+    Refuse Twisted's C{haproxy:} (in any case, anywhere in the string's
+    wrappers) and a PROXY header asked for twice.  Twisted's wrapper loses a
+    reply sent after the client half-closes and hides the TLS handshake;
+    twistsock's C{proxy:} has neither fault.
+    """
+    parts = endpoint.split(":")
+    names = []
+    for part in parts:
+        if part.lower() not in ("proxy", "haproxy"):
+            break
+        names.append(part.lower())
+    inner = ":".join(parts[len(names) :])
+    if "haproxy" in names:
+        raise ValueError(f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{inner}")
+    if len(names) > 1:
+        raise ValueError(f"{endpoint!r}: one PROXY header per connection: use proxy:{inner}")
 
 
 # Endpoint types whose first argument (or port=) is a TCP port.

@@ -12,7 +12,7 @@ connections are open at once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -92,6 +92,9 @@ class _Metrics(Resource):
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.registry)
 
+    def render_HEAD(self, request) -> bytes:
+        return _head(self.render_GET(request), request)
+
 
 class _Health(Resource):
     isLeaf = True
@@ -106,6 +109,15 @@ class _Health(Resource):
             return b"ok\n"
         request.setResponseCode(503)
         return b"draining\n"
+
+    def render_HEAD(self, request) -> bytes:
+        return _head(self.render_GET(request), request)
+
+
+def _head(body: bytes, request: Any) -> bytes:
+    """A HEAD answer: GET's headers and length, no body (else Twisted logs a warning per request)."""
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return b""
 
 
 #: Seconds a metrics connection has to send one whole request: from connecting, or

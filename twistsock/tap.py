@@ -4,6 +4,7 @@ C{twist sockets}: options in, a tree of listening services out.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Callable
 
@@ -26,12 +27,19 @@ def _number(option: str, kind: type) -> Callable[[str], Any]:
 
     def coerce(text: str) -> Any:
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise ValueError(f"--{option}: {text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--{option}: {text!r} is not a finite number")
+        return value
 
     coerce.coerceDoc = ""  # type: ignore[attr-defined]
     return coerce
+
+
+#: The most worker processes --workers starts.
+MAX_WORKERS = 256
 
 
 class Options(usage.Options):
@@ -108,8 +116,8 @@ class Options(usage.Options):
         if self["udp-rate"] < 0 or self["udp-burst"] < 1 or self["udp-amplification"] <= 0 or self["udp-summary-interval"] < 0:
             raise usage.UsageError("--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0")
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
-        if self["workers"] < 0:
-            raise usage.UsageError("--workers must be 0 or more")
+        if not 0 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be from 0 to {MAX_WORKERS} (one per core is the most that helps)")
         if self["worker"] is not None:
             try:
                 self["worker"] = workers.parseWorker(self["worker"])
