@@ -197,6 +197,12 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
                 return
             self._hello = None
             data = bytes(hello.data)
+            if data[:1] != b"\x16":
+                # Not TLS at all (a plain client on a TLS port): OpenSSL will
+                # refuse it without a word, so say it in TLS, as a fatal
+                # protocol_version alert, the one thing any client can tell
+                # from plain silence.
+                self.transport.write(NOT_TLS_ALERT)
             self._startTLS()
         self._delivering = True
         try:
@@ -342,6 +348,10 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
                 writeDirectly(self.transport, data)
             else:
                 self.transport.write(data)
+
+
+#: A fatal protocol_version alert, in a TLS 1.0 record (the version a first record carries).
+NOT_TLS_ALERT = b"\x15\x03\x01\x00\x02\x02\x46"
 
 
 class ClientHello:

@@ -78,22 +78,25 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help: str, rest: str, tls: bool = True) -> argparse.ArgumentParser:
-        usage = f"twistsock {name} [options] TARGET [{rest}]\n       twistsock {name} [options] HOST PORT [{rest}]"
+        tail = f" [{rest}]" if rest else ""
+        usage = f"twistsock {name} [options] TARGET{tail}\n       twistsock {name} [options] HOST PORT{tail}"
         sub = commands.add_parser(name, help=help, description=help, usage=usage, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("words", nargs="+", metavar=f"TARGET [{rest}]", help=f"where to connect, then the {rest.lower()} (default: read from standard input)")
-        sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take (default: %(default)g)")
+        sub.add_argument("words", nargs="+", metavar=f"TARGET{tail}", help=f"where to connect, then the {rest.lower()} (default: read from standard input)" if rest else "where to connect")
+        sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)")
         if tls:
             sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
             sub.add_argument("--cert", metavar="FILE", help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)")
         return sub
 
-    command("send", "Send a message, then close (seed 000's streamwrite).", "MESSAGE")
-    echo = command("echo", "Send data, read it all back and compare (seeds 001, 004).", "MESSAGE")
+    command("send", "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream standard input and wait until the server has read it all and closed.", "MESSAGE")
+    echo = command("echo", "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream standard input and write the echo to standard output as it comes.", "MESSAGE")
     echo.add_argument("--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)")
-    command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient).", "LINE")
+    command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send every line of standard input and print every reply (a server started with --keep-open answers them all).", "LINE")
+    command("raw", "An interactive session with any service, like nc HOST PORT: standard input to the server, its replies to standard output; the end of input half-closes, and it ends when the server closes.", "")
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
     datagram = command("udp", "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.", "MESSAGE", tls=False)
     datagram.add_argument("--retries", type=_size, default=client.DEFAULT_RETRIES, help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)")
+    datagram.add_argument("--no-reply", action="store_true", help="send the datagram once and exit 0 without waiting for a reply (for sink, which never answers)")
     certs = commands.add_parser(
         "certs",
         help="Make a local CA, a server and a client certificate.",
@@ -236,9 +239,21 @@ def _out(*parts: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
+def _stream(args, target, mode: str):
+    """Standard input to the connection, the replies to standard output, as they come."""
+    return lambda reactor: client.relay(target, mode, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(lambda result: None)
+
+
 def _send(args, target, message):
-    data = message if message is not None else sys.stdin.buffer.read()
-    return lambda reactor: client.send(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor)
+    if message is None:
+        return _stream(args, target, "send")
+    return lambda reactor: client.send(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor)
+
+
+def _raw(args, target, message):
+    if message is not None:
+        raise ValueError("raw takes no MESSAGE: it sends standard input")
+    return _stream(args, target, "raw")
 
 
 def _echo(args, target, message):
@@ -247,15 +262,18 @@ def _echo(args, target, message):
             raise ValueError("give either a MESSAGE or --size, not both")
         data = os.urandom(args.size)
         show = lambda echoed: _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+    elif message is None:
+        return _stream(args, target, "echo")
     else:
-        data = message if message is not None else sys.stdin.buffer.read()
+        data = message
         show = lambda echoed: _out(b"Received: ", echoed)
     return lambda reactor: client.echo(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(show)
 
 
 def _upper(args, target, message):
-    line = message if message is not None else sys.stdin.buffer.readline()
-    line = line.rstrip(b"\r\n")
+    if message is None:
+        return _stream(args, target, "upper")
+    line = message.rstrip(b"\r\n")
     if b"\n" in line:
         raise ValueError("LINE must be one line")
     return lambda reactor: client.upper(target, line, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(
@@ -276,10 +294,12 @@ def _ack(args, target, message):
 
 
 def _udp(args, target, message):
-    data = message if message is not None else sys.stdin.buffer.read()
+    data = message if message is not None else sys.stdin.buffer.read(client.MAX_DATAGRAM6 + 1)
+    if args.no_reply:
+        return lambda reactor: client.udp(target, data, timeout=args.timeout, reply=False, reactor=reactor)
     return lambda reactor: client.udp(target, data, timeout=args.timeout, retries=args.retries, reactor=reactor).addCallback(
         lambda reply: _out(b"FROM SERVER: ", reply)
     )
 
 
-_COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack, "udp": _udp}
+_COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack, "udp": _udp, "raw": _raw}

@@ -33,7 +33,7 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.interfaces import IHalfCloseableProtocol, IResolutionReceiver, ISSLTransport
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -61,6 +61,9 @@ __all__ = [
     "upper",
     "ack",
     "udp",
+    "relay",
+    "RelayResult",
+    "RELAY_MODES",
     "DEFAULT_RETRIES",
 ]
 
@@ -203,13 +206,17 @@ def udp(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    reply: bool = True,
     reactor: Any = None,
-) -> defer.Deferred[bytes]:
+) -> defer.Deferred[bytes | None]:
     """
     Send one datagram and fire with the first reply (seed 002's UDP client).
     The datagram is sent again C{retries} times, evenly within C{timeout}, if
     no reply has come.  The socket is connected, so only the target can answer.
     C{target} is C{udp:HOST:PORT} (C{udp:[::1]:5000}) or C{(host, port)}.
+    With C{reply=False} (for C{sink}, which never answers) the datagram is sent
+    once and the result is L{None} as soon as it is sent.  A timeout says why
+    a server may stay silent.  UDP has no TLS: C{udp} takes no C{ca} or C{cert}.
     """
     _check(data, "data", timeout)
     if reactor is None:
@@ -221,12 +228,24 @@ def udp(
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be a whole number, 0 or more, not {retries!r}")
     where = _describe(target)
-    exchange = _DatagramExchange(reactor, bytes(data), timeout / (retries + 1), retries + 1)
+    if not reply:
+        retries = 0
+    exchange = _DatagramExchange(reactor, bytes(data), timeout / (retries + 1), retries + 1, reply)
     exchange.peerPort = port
     d = _resolve(reactor, host, port).addCallback(exchange.start)
     d.addTimeout(timeout, reactor)
     d.addBoth(exchange.stop)
-    return d.addErrback(_translate, where, timeout)
+    return d.addErrback(_translate, where, timeout).addErrback(_silentServer)
+
+
+def _silentServer(reason: Failure) -> Failure:
+    """A UDP timeout: say why a server may not answer."""
+    if reason.check(Timeout):
+        raise Timeout(
+            f"{reason.value}: no reply (sink never answers: send without waiting for one; twistsock's servers send no "
+            "reply larger than its request, so ack answers only datagrams of 18 bytes or more; a rate limit drops replies too)"
+        )
+    return reason
 
 
 def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
@@ -276,8 +295,9 @@ def _resolve(reactor: Any, host: str, port: int) -> defer.Deferred[str]:
 class _DatagramExchange(DatagramProtocol):
     """Send a datagram every C{interval} seconds, C{attempts} times, until a reply comes."""
 
-    def __init__(self, reactor: Any, data: bytes, interval: float, attempts: int) -> None:
+    def __init__(self, reactor: Any, data: bytes, interval: float, attempts: int, reply: bool = True) -> None:
         self.reactor = reactor
+        self.reply = reply
         self.data = data
         self.interval = interval
         self.attempts = attempts
@@ -299,6 +319,9 @@ class _DatagramExchange(DatagramProtocol):
         if self.attempts > 0 and not self.done.called and self.transport is not None:
             self.attempts -= 1
             self.transport.write(self.data)
+            if not self.reply:
+                self.done.callback(None)
+                return
             if self.attempts:
                 self._resend = self.reactor.callLater(self.interval, self._send)
 
@@ -615,7 +638,7 @@ def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | Non
     d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), protocol)
     d.addCallbacks(lambda p: p.done, lambda f: _timedOutConnecting(f, connectTimeout))
     d.addTimeout(timeout, reactor)
-    return d.addErrback(_translate, where, timeout)
+    return d.addErrback(_translate, where, timeout).addErrback(_hintTLS, target)
 
 
 class _ConnectTimeout(Exception):
@@ -653,8 +676,352 @@ def _translate(reason: Failure, where: str, timeout: float) -> Failure:
     return reason
 
 
+#: What OpenSSL says when the server's bytes are not TLS.
+_NOT_TLS = ("wrong version number", "unexpected message", "packet length too long", "record layer failure", "unexpected eof", "http request", "record_layer_failure")
+
+
+def _hintTLS(reason: Failure, target: Target) -> Failure:
+    """
+    Say what is likely wrong when a client and a server disagree on TLS: a
+    TLS client meeting plain bytes (or a plain server waiting for a line), a
+    plain client closed without a word by a TLS port.
+    """
+    e = reason.value
+    tlsTarget = isinstance(target, str) and target.startswith("tls:")
+    text = str(e)
+    if tlsTarget and isinstance(e, (TLSFailed, ConnectionFailed)) and any(s in text.lower() for s in _NOT_TLS):
+        raise type(e)(f"{text} (the server did not answer with TLS: if it is a plain port, use tcp:HOST:PORT)")
+    if tlsTarget and isinstance(e, ConnectionFailed) and ("connection lost" in text.lower() or "without a reply" in text):
+        raise type(e)(f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)")
+    if tlsTarget and isinstance(e, Timeout):
+        raise Timeout(f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)")
+    if not tlsTarget and not isinstance(e, TLSFailed) and isinstance(e, (ConnectionFailed, EchoMismatch)) and _closedSilently(text):
+        raise type(e)(f"{text} (a TLS port closes a plain client this way: if it is one, use tls:HOST:PORT)")
+    return reason
+
+
+def _closedSilently(text: str) -> bool:
+    return "without a reply" in text or "after 0 of" in text or "non-clean fashion" in text
+
+
 def _errno(e: BaseException) -> int | None:
     """The errno of a Twisted connection error (kept in C{osError}) or an OSError."""
     if isinstance(e, error.ConnectError):
         return e.osError if isinstance(e.osError, int) else getattr(e.osError, "errno", None)
     return getattr(e, "errno", None)
+
+
+# -- streams: standard input to a connection, the connection to standard output --
+
+#: Modes of L{relay}: what is done with the bytes that come back.
+RELAY_MODES = ("raw", "send", "echo", "upper")
+#: Bytes sent but not yet echoed that C{echo} holds for comparison; reading stops above it.
+ECHO_WINDOW = 1 << 20
+#: The longest reply line C{upper} accepts in a stream.
+MAX_REPLY_LINE = 1 << 20
+
+
+class RelayResult:
+    """What a relay moved: bytes each way and, for C{upper}, lines each way."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.linesSent = 0
+        self.linesReceived = 0
+
+    def __repr__(self) -> str:
+        return f"<RelayResult sent={self.sent} received={self.received} lines={self.linesSent}/{self.linesReceived}>"
+
+
+def relay(
+    target: Target,
+    mode: str = "raw",
+    *,
+    stdin: int = 0,
+    stdout: int = 1,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    reactor: Any = None,
+) -> defer.Deferred[RelayResult]:
+    """
+    Connect, then stream the file descriptor C{stdin} to the connection and
+    what comes back to C{stdout} as it comes, in bounded memory (each side
+    stops reading while the other cannot keep up).  At the end of C{stdin}
+    the connection is half-closed (over TLS: close_notify); the relay ends
+    when the server closes.  C{timeout} bounds connecting only: a stream has
+    no deadline.
+
+    Modes: C{raw} writes the bytes that come back as they are (like C{nc});
+    C{send} writes nothing and succeeds once the server has read everything
+    and closed; C{echo} writes the echoed bytes and fails with
+    L{EchoMismatch} at the first difference or if fewer came back; C{upper}
+    writes each reply line as C{FROM SERVER: LINE} and fails with
+    L{ServerError} on an error reply, or L{ConnectionFailed} if the server
+    closed before answering every line (a server without C{--keep-open}
+    answers one line per connection).
+    """
+    if mode not in RELAY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
+    _check(b"", "data", timeout)
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    where = _describe(target)
+    seconds = targetTimeout(target, timeout)
+    remote = _Remote(mode, reactor, stdin, stdout)
+    connecting = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), remote)
+    timedOut: list[bool] = []
+
+    def expire() -> None:
+        timedOut.append(True)
+        connecting.cancel()
+
+    timer = reactor.callLater(seconds, expire)  # connecting only: a stream has no deadline
+
+    def connected(protocol: _Remote) -> defer.Deferred[RelayResult]:
+        timer.cancel()
+        return protocol.done
+
+    def notConnected(reason: Failure) -> Failure:
+        if timer.active():
+            timer.cancel()
+        if timedOut:
+            raise _ConnectTimeout(seconds)
+        return _timedOutConnecting(reason, seconds)
+
+    return connecting.addCallbacks(connected, notConnected).addErrback(_translate, where, timeout).addErrback(_hintTLS, target)
+
+
+def _looksLikeTLS(data: bytes) -> bool:
+    """Whether bytes from a server begin a TLS record (an alert or a handshake): a TLS port answering plain bytes."""
+    return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
+
+
+class _Gate:
+    """
+    Standard input's producer, paused for two reasons that do not know of each
+    other: the connection's send buffer is full, or the echo window is.
+    """
+
+    def __init__(self, terminal: Any) -> None:
+        self.terminal = terminal
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons and self.terminal.transport is not None:
+            self.terminal.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self.reasons.discard(reason)
+        if not self.reasons and self.terminal.transport is not None:
+            self.terminal.transport.resumeProducing()
+
+    # IPushProducer, for the connection's transport
+    def pauseProducing(self) -> None:
+        self.pause("transport")
+
+    def resumeProducing(self) -> None:
+        self.resume("transport")
+
+    def stopProducing(self) -> None:
+        if self.terminal.transport is not None:
+            self.terminal.transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Terminal(Protocol):
+    """Standard input and output, as one half of a relay."""
+
+    def __init__(self, remote: _Remote) -> None:
+        self.remote = remote
+        self.ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.remote.send(data)
+
+    def readConnectionLost(self) -> None:
+        self.ended = True
+        self.remote.inputEnded()
+
+    def writeConnectionLost(self) -> None:
+        # Standard output closed (a reader that went away, like `| head`): nothing more to show.
+        self.remote.outputGone()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.remote.terminalClosed()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Remote(Protocol):
+    """The connection half of a relay; see L{relay}."""
+
+    def __init__(self, mode: str, reactor: Any, stdin: int, stdout: int) -> None:
+        self.mode = mode
+        self.reactor = reactor
+        self.fds = (stdin, stdout)
+        self.result = RelayResult()
+        self.done: defer.Deferred[RelayResult] = defer.Deferred(self._cancel)
+        self.terminal = _Terminal(self)
+        self.gate = _Gate(self.terminal)
+        self.pending = bytearray()  # echo: sent, not yet back; upper: a reply line in pieces
+        self.failure: Exception | None = None
+        self.first = True
+
+    def _cancel(self, done: defer.Deferred[RelayResult]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+        self._closeTerminal()
+
+    def connectionMade(self) -> None:
+        from twisted.internet import stdio
+
+        stdin, stdout = self.fds
+        stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)
+        self.transport.registerProducer(self.gate, True)
+        self.terminal.transport.registerProducer(self.transport, True)
+
+    # standard input -> the connection
+
+    def send(self, data: bytes) -> None:
+        if self.done.called or self.failure is not None:
+            return
+        self.result.sent += len(data)
+        self._lastByte = data[-1:] or self._lastByte
+        if self.mode == "upper":
+            self.result.linesSent += data.count(b"\n")
+        elif self.mode == "echo":
+            self.pending += data
+            if len(self.pending) > ECHO_WINDOW:
+                self.gate.pause("window")
+        self.transport.write(data)
+
+    def inputEnded(self) -> None:
+        if self.mode == "upper" and self.result.sent and not self._endsInNewline:
+            self.transport.write(b"\n")  # a last line without its newline is still a line
+            self.result.linesSent += 1
+        self.transport.unregisterProducer()
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.loseConnection()  # close_notify: twistsock's servers take it as a half-close
+        else:
+            self.transport.loseWriteConnection()
+
+    @property
+    def _endsInNewline(self) -> bool:
+        # Only the count of newlines is kept: a last line lacks one if fewer newlines than lines were seen.
+        return self._lastByte == b"\n"
+
+    _lastByte = b""
+
+    # the connection -> standard output
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        if self.first:
+            self.first = False
+            if self.mode != "raw" and _looksLikeTLS(data) and not ISSLTransport.providedBy(self.transport):
+                self._fail(TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"))
+                return
+        self.result.received += len(data)
+        if self.mode == "raw":
+            self.terminal.transport.write(data)
+        elif self.mode == "echo":
+            self._echoed(data)
+        elif self.mode == "upper":
+            self._replies(data)
+        # send: a sink answers nothing; whatever comes is not shown
+
+    def _echoed(self, data: bytes) -> None:
+        expected = self.pending[: len(data)]
+        if expected != data:
+            at = self.result.received - len(data) + next((i for i, (a, b) in enumerate(zip(expected, data)) if a != b), len(expected))
+            self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
+            return
+        del self.pending[: len(data)]
+        self.terminal.transport.write(data)
+        if len(self.pending) <= ECHO_WINDOW // 2:
+            self.gate.resume("window")
+
+    def _replies(self, data: bytes) -> None:
+        start = len(self.pending)
+        self.pending += data
+        while (end := self.pending.find(b"\n", start)) >= 0:
+            line = bytes(self.pending[:end]).removesuffix(b"\r")
+            del self.pending[: end + 1]
+            start = 0
+            self.result.linesReceived += 1
+            if line.startswith(SERVER_ERROR):
+                self._fail(ServerError(f"the server answered with an error: {printable(line[len(SERVER_ERROR):])}", line))
+                return
+            self.terminal.transport.write(b"FROM SERVER: " + line + b"\n")
+        if len(self.pending) > MAX_REPLY_LINE:
+            self._fail(ConnectionFailed(f"reply line longer than {MAX_REPLY_LINE} bytes"))
+
+    def _fail(self, reason: Exception) -> None:
+        self.failure = reason
+        self.transport.abortConnection()
+
+    _outputGone = False
+
+    def outputGone(self) -> None:
+        # Whoever read our output stopped (`| head`): end quietly, as a pipeline expects.
+        self._outputGone = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def readConnectionLost(self) -> None:
+        # The server half-closed: it will send nothing more; finish as if it closed.
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self.done.called:
+            return
+        clean = reason is None or reason.check(error.ConnectionDone) or self._outputGone
+        failure = self.failure
+        if failure is None and not clean:
+            failure = _lost(reason)
+        if failure is None and self.mode == "echo" and self.pending and not self._outputGone:
+            failure = EchoMismatch(f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back")
+        if failure is None and self.mode == "upper" and self.result.linesReceived < self.result.linesSent and not self._outputGone:
+            failure = ConnectionFailed("the server closed the connection without a reply") if not self.result.received else ConnectionFailed(
+                f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
+                "(it answers one line per connection unless started with --keep-open)"
+            )
+        self._finish(failure)
+
+    _finished = False
+
+    def _finish(self, failure: Exception | None) -> None:
+        """The connection is over: flush standard output, then fire (see L{terminalClosed})."""
+        self.failure = failure
+        self._finished = True
+        terminal = self.terminal.transport
+        if terminal is None or terminal.disconnected:
+            self._fire()
+        elif self._outputGone:
+            terminal.loseConnection()  # stops reading standard input; with no output left, nothing calls back
+            self._fire()
+        else:
+            terminal.loseConnection()  # flushes standard output, then terminalClosed
+
+    def _closeTerminal(self) -> None:
+        terminal = self.terminal.transport
+        if terminal is not None and not terminal.disconnected:
+            terminal.loseConnection()
+
+    def terminalClosed(self) -> None:
+        if self._finished:
+            self._fire()
+
+    def _fire(self) -> None:
+        if self.done.called:
+            return  # cancelled meanwhile
+        if self.failure is not None:
+            self.done.errback(self.failure)
+        else:
+            self.done.callback(self.result)

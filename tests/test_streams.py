@@ -1,0 +1,215 @@
+"""
+The client as a pipe (issue: the client at the level of nc and socat):
+standard input streamed to the connection and the replies to standard
+output as they come, in bounded memory; a raw session like `nc HOST PORT`;
+every line of `upper`; UDP without a reply; plain and TLS mixed up.  Real
+servers, the real command, loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN, TWISTSOCK, WAIT, freePort, startServer, twistsock
+from twistsock import certs
+
+#: Peak memory the client may use however much goes through it (the issue's bound).
+MEMORY_BOUND = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    return certs.generate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def servers(material):
+    plain = startServer(
+        "--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", "upper@tcp:0:interface=127.0.0.1",
+        "--listen", "sink@tcp:0:interface=127.0.0.1", "--listen", "sink@udp:0:interface=127.0.0.1",
+    )  # fmt: skip
+    keepOpen = startServer("--keep-open", "--listen", "upper@tcp:0:interface=127.0.0.1", "--max-line", "100")
+    tls = startServer(
+        "--keep-open",
+        "--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+        "--listen", f"upper@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+        "--listen", f"sink@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+    )  # fmt: skip
+    yield plain, keepOpen, tls
+    for server in (plain, keepOpen, tls):
+        server.stop()
+
+
+def port(server, service: str, udp: bool = False) -> str:
+    (entry,) = [e for e in server.listening if e.service == service and e.endpoint.startswith("udp:") == udp]
+    return str(entry.port)
+
+
+def measured(*args: str, input: bytes | None = None, stdin=None) -> tuple[subprocess.CompletedProcess, int]:
+    """
+    Run the command in a Python that reports its own peak memory on standard
+    error's last line: VmHWM, this process's own (getrusage's ru_maxrss would
+    include the forking test process's memory from before exec).
+    """
+    code = (
+        "import atexit, resource, sys\n"
+        "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
+        "from twistsock.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], input=input, stdin=stdin, capture_output=True, timeout=4 * WAIT)
+    *rest, last = result.stderr.decode().splitlines()
+    assert last.startswith("maxrss "), result.stderr
+    result.stderr = "\n".join(rest).encode()
+    return result, int(last.split()[1]) * 1024
+
+
+def test_200_MB_through_echo_in_bounded_memory_byte_for_byte(servers, tmp_path):
+    plain, _, _ = servers
+    source = tmp_path / "in.bin"
+    with open(source, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(200):
+            f.write(block[i:] + block[:i])
+    copy = tmp_path / "out.bin"
+    with open(source, "rb") as stdin, open(copy, "wb") as stdout:
+        code = "import sys; from twistsock.cli import main; main(sys.argv[1:])"
+        wrapper = (
+            "import atexit, resource, sys\n"
+            "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
+            + code
+        )
+        result = subprocess.run([sys.executable, "-c", wrapper, "echo", "127.0.0.1", port(plain, "echo")], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=4 * WAIT)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stderr.decode().splitlines()[-1].split()[1]) * 1024
+    assert copy.stat().st_size == 200 << 20
+    with open(source, "rb") as a, open(copy, "rb") as b:
+        while chunk := a.read(1 << 20):
+            assert chunk == b.read(1 << 20)
+    assert peak < MEMORY_BOUND, f"peak {peak >> 20} MiB"
+
+
+def test_200_MB_of_lines_through_upper_in_bounded_memory():
+    server = startServer("--keep-open", "--listen", "upper@tcp:0:interface=127.0.0.1")
+    try:
+        feeder = subprocess.Popen([sys.executable, "-c", "import sys\nline = b'x' * 99 + b'\\n'\nfor _ in range(2_000_000): sys.stdout.buffer.write(line)"], stdout=subprocess.PIPE)
+        result, peak = measured("upper", "127.0.0.1", port(server, "upper"), stdin=feeder.stdout)
+        feeder.wait(WAIT)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(b"\n") == 2_000_000 and result.stdout.startswith(b"FROM SERVER: XXX")
+    assert peak < MEMORY_BOUND, f"peak {peak >> 20} MiB"
+
+
+def test_upper_sends_every_line_and_prints_every_reply(servers):
+    _, keepOpen, _ = servers
+    result = twistsock("upper", "127.0.0.1", port(keepOpen, "upper"), input=b"one\ntwo\r\nthree")
+    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: ONE\nFROM SERVER: TWO\nFROM SERVER: THREE\n"), result.stderr
+
+
+def test_upper_says_when_the_server_answers_one_line_per_connection(servers):
+    plain, _, _ = servers
+    result = twistsock("upper", "127.0.0.1", port(plain, "upper"), input=b"one\ntwo\nthree\n")
+    assert result.returncode == 1
+    assert result.stdout == b"FROM SERVER: ONE\n"
+    assert "answering 1 of 3 lines" in result.stderr.decode() and "--keep-open" in result.stderr.decode()
+
+
+def test_an_error_reply_in_a_stream_exits_8(servers):
+    _, keepOpen, _ = servers
+    result = twistsock("upper", "127.0.0.1", port(keepOpen, "upper"), input=b"short\n" + b"y" * 200 + b"\n")
+    assert result.returncode == 8
+    assert result.stdout == b"FROM SERVER: SHORT\n"
+    assert "line longer than 100 bytes" in result.stderr.decode()
+
+
+def test_raw_half_closes_at_the_end_of_input_and_ends_when_the_server_closes(servers):
+    plain, _, _ = servers
+    result = twistsock("raw", "127.0.0.1", port(plain, "echo"), input=b"hello\nworld\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"hello\nworld\n", b"")
+
+
+def test_raw_against_a_one_line_server_ends_when_it_closes(servers):
+    plain, _, _ = servers
+    reader, writer = os.pipe()  # an input that never ends: raw still ends when the server does
+    try:
+        os.write(writer, b"hi\n")
+        process = subprocess.run([TWISTSOCK, "raw", "127.0.0.1", port(plain, "upper")], stdin=reader, capture_output=True, timeout=WAIT)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert (process.returncode, process.stdout) == (0, b"HI\n")
+
+
+def test_raw_is_interrupted_by_sigint_in_one_line(servers):
+    plain, _, _ = servers
+    reader, writer = os.pipe()
+    process = subprocess.Popen([TWISTSOCK, "raw", "127.0.0.1", port(plain, "echo")], stdin=reader, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        os.write(writer, b"ping\n")
+        assert process.stdout.read(5) == b"ping\n"  # connected and echoing
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=WAIT)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert process.returncode == 130
+    assert err.decode().strip() == "twistsock: interrupted"
+
+
+def test_send_streams_and_waits_for_the_server_to_read_it_all(servers):
+    plain, _, _ = servers
+    data = b"".join(b"line %d\n" % i for i in range(5000))
+    result = twistsock("send", "127.0.0.1", port(plain, "sink"), input=data)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    plain.waitFor(rf"sink tcp 127\.0\.0\.1:\d+ -> .*: peer closed after .*, {len(data)} bytes in, 0 bytes out$")
+
+
+def test_a_reader_that_stops_reading_ends_the_client_quietly(servers):
+    plain, _, _ = servers
+    command = f"head -c 10000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')} | head -c 10 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=WAIT)
+    assert result.stdout.strip() == b"0", result.stderr
+
+
+def test_tls_streams_too(servers, material):
+    _, _, tls = servers
+    data = os.urandom(3 << 20)
+    result = twistsock("echo", f"tls:localhost:{port(tls, 'echo')}", "--ca", str(material.ca), input=data)
+    assert (result.returncode, result.stdout == data) == (0, True), result.stderr
+    result = twistsock("upper", f"tls:localhost:{port(tls, 'upper')}", "--ca", str(material.ca), input=b"a\nb\n")
+    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: A\nFROM SERVER: B\n"), result.stderr
+
+
+@pytest.mark.parametrize("service", ["echo", "upper", "sink"])
+def test_a_plain_client_on_a_tls_port_is_told_to_use_tls(servers, service):
+    _, _, tls = servers
+    result = twistsock("send" if service == "sink" else service, "127.0.0.1", port(tls, service), input=b"hello\n")
+    assert result.returncode in (1, 5, 7)
+    (line,) = result.stderr.decode().splitlines()
+    assert "tls:HOST:PORT" in line
+
+
+@pytest.mark.parametrize("service, args", [("echo", ["hello"]), ("upper", ["--timeout", "3", "hello"])])
+def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(servers, material, service, args):
+    plain, _, _ = servers
+    result = twistsock(service, f"tls:localhost:{port(plain, service)}", "--ca", str(material.ca), *args)
+    assert result.returncode in (1, 4, 7)  # lost, timed out or refused, depending on what the plain service did with the ClientHello
+    (line,) = result.stderr.decode().splitlines()
+    assert "tcp:HOST:PORT" in line
+
+
+def test_udp_without_a_reply_sends_once_and_succeeds(servers):
+    plain, _, _ = servers
+    result = twistsock("udp", "127.0.0.1", port(plain, "sink", udp=True), "--no-reply", "only once")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    plain.waitFor(r"-->only once$")
+    result = twistsock("udp", "127.0.0.1", port(plain, "sink", udp=True), "--timeout", "1", "waits")
+    assert result.returncode == 4 and "sink never answers" in result.stderr.decode()
+    assert len([line for line in plain.lines if "-->only once" in line]) == 1
