@@ -226,8 +226,16 @@ def test_malformed_target_raises_at_once():
         client.upper("tcp:127.0.0.1:1", b"two\nlines", reactor=MemoryReactorClock())
 
 
-def test_host_port_target_is_a_hostname_endpoint():
-    assert isinstance(client.endpoint(("::1", 5000), reactor=MemoryReactorClock()), HostnameEndpoint)
+def test_an_address_is_connected_to_as_it_is_and_a_name_is_resolved():
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+    running = MemoryReactorClock()
+    running.running = True
+    assert isinstance(client.endpoint(("::1", 5000), reactor=running), TCP6ClientEndpoint)
+    assert isinstance(client.endpoint(("127.0.0.1", 5000), reactor=running), TCP4ClientEndpoint)
+    assert isinstance(client.endpoint(("localhost", 5000), reactor=running), HostnameEndpoint)
+    # A reactor that is not running (asyncio's, driven by asyncio.run) resolves names in a thread of its own.
+    assert isinstance(client.endpoint(("localhost", 5000), reactor=MemoryReactorClock()), client._ResolvingEndpoint)
 
 
 # -- real round trips on loopback, against the real services -------------
@@ -326,9 +334,11 @@ def test_datagram_sizes_follow_the_address_family():
 
 
 def test_an_ipv6_literal_in_brackets_in_a_tcp_target():
+    from twisted.internet.endpoints import TCP6ClientEndpoint
+
     endpoint = client.endpoint("tcp:[::1]:5000:timeout=2", reactor=MemoryReactorClock())
-    assert isinstance(endpoint, HostnameEndpoint)
-    assert (endpoint._hostText, endpoint._port, endpoint._timeout) == ("::1", 5000, 2.0)
+    assert isinstance(endpoint, TCP6ClientEndpoint)
+    assert (endpoint._host, endpoint._port, endpoint._timeout) == ("::1", 5000, 2.0)
 
 
 def test_a_server_error_reply_is_a_server_error():

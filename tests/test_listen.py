@@ -202,3 +202,12 @@ def test_workers_are_bounded():
     with pytest.raises(ConfigurationError) as raised:
         Options().parseOptions(["--workers", "100000"])
     assert f"--workers must be from 0 to {MAX_WORKERS}" in raised.value.message
+
+
+def test_help_shows_no_internal_option():
+    import subprocess
+
+    from conftest import TWIST, WAIT
+
+    shown = subprocess.run([TWIST, "sockets", "--help"], capture_output=True, text=True, timeout=WAIT).stdout
+    assert "--workers=" in shown and "--worker=" not in shown and "INDEX:FD" not in shown

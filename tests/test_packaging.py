@@ -31,6 +31,10 @@ def test_wheel_has_the_dropin_and_no_init_in_twisted(wheel):
     assert not any(name.endswith("dropin.cache") for name in names)
 
 
+def test_wheel_ships_py_typed_for_type_checkers(wheel):
+    assert "twistsock/py.typed" in zipfile.ZipFile(wheel).namelist()
+
+
 def test_twist_finds_sockets_from_the_wheel_alone(wheel, tmp_path):
     """A fresh environment that sees Twisted but not this checkout: only the wheel can add `sockets`."""
     env = tmp_path / "env"

@@ -342,6 +342,7 @@ def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_pat
 def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
     """Twisted's HostnameEndpoint refuses upper-case Unicode (IDNA 2008 without UTS 46) later, as a traceback."""
     reactor = MemoryReactorClock()
+    reactor.running = True  # else names are resolved by twistsock's own endpoint
     for host in ("BÜCHER.example", "[::1]", "fe80::1%eth0"):
         assert client.endpoint((host, 1), reactor=reactor) is not None
     assert client.endpoint(("BÜCHER.example", 1), reactor=reactor)._hostBytes == b"xn--bcher-kva.example"

@@ -30,7 +30,7 @@ import socket
 from typing import Any, Union
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IResolutionReceiver, ISSLTransport
@@ -559,7 +559,7 @@ def endpoint(
             raise ValueError(f"port {port} is not between 1 and 65535")
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
-        return HostnameEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout=timeout)
+        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout)
     if isinstance(target, str) and target.startswith("tcp:"):
         # Built here: Twisted's tcp: parser splits an IPv6 literal at its
         # colons, wants a whole number of seconds, and resolves IPv4 only.
@@ -571,11 +571,63 @@ def endpoint(
         if unknown:
             raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(unknown))}")
         bind = options.get("bindAddress")
-        return HostnameEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, timeout=_number(options.get("timeout", timeout), target), bindAddress=(bind, 0) if bind else None)
+        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, _number(options.get("timeout", timeout), target), bind)
     try:
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target
         raise ValueError(f"bad target {target!r}: {errorText(e)}") from None
+
+
+def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddress: str | None = None) -> IStreamClientEndpoint:
+    """
+    A TCP client endpoint for C{host}: an address literal is connected to as
+    it is, with no name resolution; a name goes through Twisted's
+    L{HostnameEndpoint} (IPv6 and IPv4 raced) when the reactor runs, and is
+    otherwise resolved in a thread of its own first.  A reactor that never
+    runs itself (Twisted's asyncio reactor driven by C{asyncio.run}) never
+    starts the thread pool Twisted resolves names in, and every name would
+    fail, even C{127.0.0.1}, after the whole timeout.
+    """
+    bind = (bindAddress, 0) if bindAddress else None
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    if getattr(reactor, "running", True):
+        return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
+    return _ResolvingEndpoint(reactor, host, port, timeout, bind)
+
+
+@implementer(IStreamClientEndpoint)
+class _ResolvingEndpoint:
+    """Resolve a name in a thread of its own (see L{streamEndpoint}), then connect to its first address."""
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float, bindAddress: tuple[str, int] | None) -> None:
+        self.reactor, self.host, self.port, self.timeout, self.bindAddress = reactor, host, port, timeout, bindAddress
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+
+        pool = ThreadPool(1, 1, "twistsock resolver")
+        pool.start()
+        found = deferToThreadPool(self.reactor, pool, socket.getaddrinfo, self.host, self.port, 0, socket.SOCK_STREAM)
+
+        def stop(result: object) -> object:
+            pool.stop()
+            return result
+
+        def connect(addresses: list[Any]) -> defer.Deferred[Any]:
+            family, _, _, _, address = addresses[0]
+            kind = TCP6ClientEndpoint if family == socket.AF_INET6 else TCP4ClientEndpoint
+            return kind(self.reactor, address[0], self.port, timeout=self.timeout, bindAddress=self.bindAddress).connect(factory)
+
+        def unknown(reason: Failure) -> Failure:
+            if reason.check(socket.gaierror):
+                raise error.DNSLookupError(self.host)
+            return reason
+
+        return found.addBoth(stop).addCallbacks(connect, unknown)
 
 
 def _number(text: object, target: str) -> float:

@@ -5,6 +5,7 @@ C{twist sockets}: options in, a tree of listening services out.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -76,7 +77,6 @@ class Options(usage.Options):
         ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", _number("log-buffer", int)],
         ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", _number("workers", int)],
-        ["worker", None, None, "(internal) run as worker INDEX:FD/FAMILY,...:REPORTFD of a --workers master."],
     ]
 
     def __init__(self) -> None:
@@ -118,11 +118,14 @@ class Options(usage.Options):
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
         if not 0 <= self["workers"] <= MAX_WORKERS:
             raise usage.UsageError(f"--workers must be from 0 to {MAX_WORKERS} (one per core is the most that helps)")
-        if self["worker"] is not None:
+        # A worker of a --workers master is told so in its environment, not by an option.
+        worker = os.environ.pop(workers.WORKER, None)
+        self["worker"] = None
+        if worker is not None:
             try:
-                self["worker"] = workers.parseWorker(self["worker"])
+                self["worker"] = workers.parseWorker(worker)
             except ValueError:
-                raise usage.UsageError("--worker is for the master's use") from None
+                raise usage.UsageError(f"{workers.WORKER} is for a --workers master's use") from None
         if self["max-connections"] < 0 or self["max-per-peer"] < 0 or self["idle-timeout"] < 0 or self["drain-timeout"] < 0:
             raise usage.UsageError("--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more")
         if self["line-timeout"] < 0 or self["proxy-header-timeout"] < 0:

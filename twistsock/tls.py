@@ -44,7 +44,7 @@ from service_identity import CertificateError as NoNames, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
 from service_identity.cryptography import extract_patterns
 from twisted.internet import ssl
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS, wrapServerTLS
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS, wrapServerTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -586,7 +586,9 @@ def clientEndpoint(
     host = hostName(host, wildcard=False, scoped=True)
     trust = _trusted(ca) if ca else None
     identity = loadIdentity(privateKey or cert, cert) if cert else None
-    tcp = HostnameEndpoint(reactor, host, int(port), timeout=timeout, bindAddress=(bindAddress, 0) if bindAddress else None)
+    from .client import streamEndpoint  # the client module's choice: no resolution for literals, none needing a running reactor
+
+    tcp = streamEndpoint(reactor, host, int(port), timeout, bindAddress)
     return wrapClientTLS(ClientTLS(host, trust, identity), tcp)
 
 

@@ -48,6 +48,9 @@ REPORT_INTERVAL = 1.0
 MAX_BACKOFF = 30.0
 #: The environment variable that tells a worker its master's PID.
 MASTER_PID = "TWISTSOCK_MASTER_PID"
+#: The environment variable that makes C{twist sockets} a worker: C{INDEX:FD/FAMILY,...:REPORTFD}
+#: (not an option, so that C{--help} shows users only theirs).
+WORKER = "TWISTSOCK_WORKER"
 #: The signal the kernel sends a worker when its master ends (see L{dieWithMaster}).
 MASTER_DEATH_SIGNAL = signal.SIGKILL
 
@@ -200,10 +203,10 @@ class MasterService(SocketsService):
         for offset, (fd, _) in enumerate(held):
             childFDs[FIRST_FD + offset] = fd
         sockets = ",".join(f"{FIRST_FD + offset}/{family}" for offset, (_, family) in enumerate(held))
-        argv = [*self.workerArgv, "--worker", f"{index}:{sockets}:{report}"]
+        argv = list(self.workerArgv)
         worker = _Worker(self, index)
         self.workers[index] = worker
-        env = {**os.environ, MASTER_PID: str(os.getpid())}
+        env = {**os.environ, MASTER_PID: str(os.getpid()), WORKER: f"{index}:{sockets}:{report}"}
         process = self.reactor.spawnProcess(worker, sys.executable, argv, env=env, childFDs=childFDs)
         self.processes[index] = process
         worker.started = self.reactor.seconds()
@@ -300,7 +303,7 @@ def workerArgv(pluginArgv: list[str]) -> list[str]:
 
 
 def parseWorker(text: str) -> tuple[int, list[tuple[int, int]], int]:
-    """C{INDEX:FD/FAMILY,...:REPORTFD} (what the master passes as --worker)."""
+    """C{INDEX:FD/FAMILY,...:REPORTFD} (what the master passes in L{WORKER})."""
     index, sockets, report = text.split(":")
     held = [tuple(int(x) for x in item.split("/")) for item in sockets.split(",") if item]
     return int(index), held, int(report)
