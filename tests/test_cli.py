@@ -37,7 +37,7 @@ def test_split_target_errors(words):
         (["echo", "localhost"], "neither an endpoint string"),
         (["echo", "nosuch:1", "x"], "bad target 'nosuch:1'"),
         (["echo", "localhost", "99999", "x"], "between 1 and 65535"),
-        (["echo", "tcp:127.0.0.1:1", "--size", "-1"], "must be 0 or more"),
+        (["echo", "tcp:127.0.0.1:1", "--size=-1"], "must be 0 or more"),
         (["echo", "tcp:127.0.0.1:1", "x", "--size", "3"], "either a MESSAGE or --size"),
         (["upper", "tcp:127.0.0.1:1", "--timeout", "0", "x"], "must be more than 0"),
         (["echo", "ssl:localhost:3443", "x"], "ssl: targets do not check the server's certificate; use tls:HOST:PORT"),
@@ -130,3 +130,20 @@ def test_a_bracketed_ipv6_tcp_target_and_a_fractional_timeout():
     finally:
         server.stop()
     assert (result.returncode, result.stdout) == (0, b"Received: hi\n"), result.stderr
+
+
+def test_ipv4_or_ipv6_only():
+    server = startServer("--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", "echo@tcp6:0:interface=\\:\\:1")
+    try:
+        v4, v6 = (e.port for e in sorted(server.listening, key=lambda e: e.endpoint.startswith("tcp6")))
+        assert twistsock("echo", "-4", "127.0.0.1", str(v4), "four").stdout == b"Received: four\n"
+        assert twistsock("echo", "-6", "::1", str(v6), "six").stdout == b"Received: six\n"
+        assert twistsock("echo", "-6", f"tcp:[::1]:{v6}", "six").stdout == b"Received: six\n"
+        wrong = twistsock("echo", "-6", "127.0.0.1", str(v4), "x")
+        assert wrong.returncode == 64 and "IPv6 only (-6) was asked for" in wrong.stderr.decode()
+        unix = twistsock("echo", "-4", "unix:path=/tmp/nothing.sock", "x")
+        assert unix.returncode == 64 and "needs a HOST PORT, tcp: or tls: target" in unix.stderr.decode()
+        both = twistsock("echo", "-4", "-6", "127.0.0.1", str(v4), "x")
+        assert both.returncode == 64
+    finally:
+        server.stop()

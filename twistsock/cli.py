@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import sys
 from typing import Callable, Sequence
 
@@ -82,6 +83,9 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         usage = f"twistsock {name} [options] TARGET{tail}\n       twistsock {name} [options] HOST PORT{tail}"
         sub = commands.add_parser(name, help=help, description=help, usage=usage, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("words", nargs="+", metavar=f"TARGET{tail}", help=f"where to connect, then the {rest.lower()} (default: read from standard input)" if rest else "where to connect")
+        versions = sub.add_mutually_exclusive_group()
+        versions.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET, default=0, help="IPv4 only")
+        versions.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
         sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)")
         if tls:
             sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "udp":
             client.udpTarget(target)
         else:
-            client.endpoint(target, ca=args.ca, cert=args.cert)
+            client.endpoint(target, ca=args.ca, cert=args.cert, family=args.family)
         run = _COMMANDS[args.command](args, target, _message(words))
     except ValueError as e:
         parser.error(str(e))
@@ -241,13 +245,13 @@ def _out(*parts: bytes) -> None:
 
 def _stream(args, target, mode: str):
     """Standard input to the connection, the replies to standard output, as they come."""
-    return lambda reactor: client.relay(target, mode, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(lambda result: None)
+    return lambda reactor: client.relay(target, mode, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(lambda result: None)
 
 
 def _send(args, target, message):
     if message is None:
         return _stream(args, target, "send")
-    return lambda reactor: client.send(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor)
+    return lambda reactor: client.send(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor)
 
 
 def _raw(args, target, message):
@@ -267,7 +271,7 @@ def _echo(args, target, message):
     else:
         data = message
         show = lambda echoed: _out(b"Received: ", echoed)
-    return lambda reactor: client.echo(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(show)
+    return lambda reactor: client.echo(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(show)
 
 
 def _upper(args, target, message):
@@ -276,7 +280,7 @@ def _upper(args, target, message):
     line = message.rstrip(b"\r\n")
     if b"\n" in line:
         raise ValueError("LINE must be one line")
-    return lambda reactor: client.upper(target, line, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(
+    return lambda reactor: client.upper(target, line, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(
         lambda reply: _out(b"FROM SERVER: ", reply)
     )
 
@@ -290,14 +294,14 @@ def _ack(args, target, message):
     message = message.rstrip(b"\r\n")
     if b"\n" in message:
         raise ValueError("MESSAGE must be one line")
-    return lambda reactor: client.ack(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, reactor=reactor).addCallback(_out)
+    return lambda reactor: client.ack(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(_out)
 
 
 def _udp(args, target, message):
     data = message if message is not None else sys.stdin.buffer.read(client.MAX_DATAGRAM6 + 1)
     if args.no_reply:
-        return lambda reactor: client.udp(target, data, timeout=args.timeout, reply=False, reactor=reactor)
-    return lambda reactor: client.udp(target, data, timeout=args.timeout, retries=args.retries, reactor=reactor).addCallback(
+        return lambda reactor: client.udp(target, data, timeout=args.timeout, reply=False, family=args.family, reactor=reactor)
+    return lambda reactor: client.udp(target, data, timeout=args.timeout, retries=args.retries, family=args.family, reactor=reactor).addCallback(
         lambda reply: _out(b"FROM SERVER: ", reply)
     )
 

@@ -145,26 +145,26 @@ def _check(data: object, name: str, timeout: float) -> None:
         raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
 
 
-def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
+def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
     """
     Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
     once every byte is handed to the peer's kernel and the connection closed.
     """
     _check(data, "data", timeout)
-    return _exchange(target, _Send(data), timeout, ca, cert, reactor)
+    return _exchange(target, _Send(data), timeout, ca, cert, reactor, family)
 
 
-def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send C{data} and read until all of it is back (seeds 001 and 004).  Fires
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
     differs, on extra bytes, or if the server closes before all came back.
     """
     _check(data, "data", timeout)
-    return _exchange(target, _Echo(data), timeout, ca, cert, reactor)
+    return _exchange(target, _Echo(data), timeout, ca, cert, reactor, family)
 
 
-def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one line and fire with the server's reply line, without its ending
     (seed 002's TCPClient).  A reply that is the server's error (C{error: ...})
@@ -173,10 +173,10 @@ def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: 
     _check(line, "line", timeout)
     if b"\n" in line:
         raise ValueError("upper sends one line: the line must not contain a newline")
-    return _exchange(target, _Line(line), timeout, ca, cert, reactor)
+    return _exchange(target, _Line(line), timeout, ca, cert, reactor, family)
 
 
-def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
     """
     Send one message (a line) and fire with the server's reply, read until it
     closes (seed 003's client).  A reply that is the server's error
@@ -186,7 +186,7 @@ def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca:
     message = bytes(message)
     if b"\n" in message.rstrip(b"\n"):
         raise ValueError("ack sends one message: the message must not contain a newline")
-    return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor)
+    return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor, family)
 
 
 _PENDING = object()
@@ -207,6 +207,7 @@ def udp(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     reply: bool = True,
+    family: int = 0,
     reactor: Any = None,
 ) -> defer.Deferred[bytes | None]:
     """
@@ -222,6 +223,8 @@ def udp(
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     host, port = udpTarget(target)
+    if (family == socket.AF_INET6 and isIPAddress(host)) or (family == socket.AF_INET and isIPv6Address(host)):
+        raise ValueError(f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and IPv{6 if family == socket.AF_INET6 else 4} only was asked for")
     limit = MAX_DATAGRAM6 if isIPv6Address(host) else MAX_DATAGRAM if isIPAddress(host) else MAX_DATAGRAM6
     if len(data) > limit:
         raise ValueError(f"a datagram to {host} holds at most {limit} bytes, not {len(data)}")
@@ -232,7 +235,7 @@ def udp(
         retries = 0
     exchange = _DatagramExchange(reactor, bytes(data), timeout / (retries + 1), retries + 1, reply)
     exchange.peerPort = port
-    d = _resolve(reactor, host, port).addCallback(exchange.start)
+    d = _resolve(reactor, host, port, family).addCallback(exchange.start)
     d.addTimeout(timeout, reactor)
     d.addBoth(exchange.stop)
     return d.addErrback(_translate, where, timeout).addErrback(_silentServer)
@@ -267,7 +270,7 @@ def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
     return host, port
 
 
-def _resolve(reactor: Any, host: str, port: int) -> defer.Deferred[str]:
+def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Deferred[str]:
     """The first address of C{host} (IPv4 or IPv6); an address literal is itself."""
     if isIPAddress(host) or isIPv6Address(host):
         return defer.succeed(host)
@@ -288,7 +291,10 @@ def _resolve(reactor: Any, host: str, port: int) -> defer.Deferred[str]:
             else:
                 done.errback(error.DNSLookupError(host))
 
-    reactor.nameResolver.resolveHostName(Receiver(), host, port, transportSemantics="UDP")
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    types = {socket.AF_INET: [IPv4Address], socket.AF_INET6: [IPv6Address]}.get(family)
+    reactor.nameResolver.resolveHostName(Receiver(), host, port, addressTypes=types, transportSemantics="UDP")
     return done
 
 
@@ -533,9 +539,11 @@ def endpoint(
     ca: str | None = None,
     cert: str | None = None,
     reactor: IReactorTime | None = None,
+    family: int = 0,
 ) -> IStreamClientEndpoint:
     """
-    The client endpoint for a target.  A C{tls:HOST:PORT} target verifies the
+    The client endpoint for a target.  C{family} (C{socket.AF_INET} or
+    C{AF_INET6}; 0 for either) restricts a TCP or TLS target to IPv4 or IPv6.  A C{tls:HOST:PORT} target verifies the
     server's certificate and name against the CA certificates in the file
     C{ca} (else the platform's trust store) and presents the key and
     certificate in the file C{cert}, if given.
@@ -545,8 +553,12 @@ def endpoint(
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    if family not in (0, socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"family must be 0, socket.AF_INET or socket.AF_INET6, not {family!r}")
     if isinstance(target, str) and target.startswith("tls:"):
-        return _tlsEndpoint(reactor, target, timeout, ca, cert)
+        return _tlsEndpoint(reactor, target, timeout, ca, cert, family)
+    if family and not (isinstance(target, tuple) or (isinstance(target, str) and target.startswith("tcp:"))):
+        raise ValueError(f"IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not {_describe(target)}")
     if isinstance(target, str) and target.startswith("ssl:"):
         raise ValueError(f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)")
     if ca or cert:
@@ -559,7 +571,7 @@ def endpoint(
             raise ValueError(f"port {port} is not between 1 and 65535")
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
-        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout)
+        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout, family=family)
     if isinstance(target, str) and target.startswith("tcp:"):
         # Built here: Twisted's tcp: parser splits an IPv6 literal at its
         # colons, wants a whole number of seconds, and resolves IPv4 only.
@@ -571,14 +583,14 @@ def endpoint(
         if unknown:
             raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(unknown))}")
         bind = options.get("bindAddress")
-        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, _number(options.get("timeout", timeout), target), bind)
+        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, _number(options.get("timeout", timeout), target), bind, family)
     try:
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target
         raise ValueError(f"bad target {target!r}: {errorText(e)}") from None
 
 
-def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddress: str | None = None) -> IStreamClientEndpoint:
+def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddress: str | None = None, family: int = 0) -> IStreamClientEndpoint:
     """
     A TCP client endpoint for C{host}: an address literal is connected to as
     it is, with no name resolution; a name goes through Twisted's
@@ -590,20 +602,25 @@ def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddre
     """
     bind = (bindAddress, 0) if bindAddress else None
     if isIPAddress(host):
+        if family == socket.AF_INET6:
+            raise ValueError(f"{host} is an IPv4 address, and IPv6 only (-6) was asked for")
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
     if isIPv6Address(host):
+        if family == socket.AF_INET:
+            raise ValueError(f"{host} is an IPv6 address, and IPv4 only (-4) was asked for")
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
-    if getattr(reactor, "running", True):
+    if getattr(reactor, "running", True) and not family:
         return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind)
-    return _ResolvingEndpoint(reactor, host, port, timeout, bind)
+    return _ResolvingEndpoint(reactor, host, port, timeout, bind, family)
 
 
 @implementer(IStreamClientEndpoint)
 class _ResolvingEndpoint:
     """Resolve a name in a thread of its own (see L{streamEndpoint}), then connect to its first address."""
 
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float, bindAddress: tuple[str, int] | None) -> None:
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float, bindAddress: tuple[str, int] | None, family: int = 0) -> None:
         self.reactor, self.host, self.port, self.timeout, self.bindAddress = reactor, host, port, timeout, bindAddress
+        self.family = family
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         from twisted.internet.threads import deferToThreadPool
@@ -611,7 +628,7 @@ class _ResolvingEndpoint:
 
         pool = ThreadPool(1, 1, "twistsock resolver")
         pool.start()
-        found = deferToThreadPool(self.reactor, pool, socket.getaddrinfo, self.host, self.port, 0, socket.SOCK_STREAM)
+        found = deferToThreadPool(self.reactor, pool, socket.getaddrinfo, self.host, self.port, self.family, socket.SOCK_STREAM)
 
         def stop(result: object) -> object:
             pool.stop()
@@ -624,6 +641,8 @@ class _ResolvingEndpoint:
 
         def unknown(reason: Failure) -> Failure:
             if reason.check(socket.gaierror):
+                if self.family:
+                    raise UnknownHost(f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for {self.host}")
                 raise error.DNSLookupError(self.host)
             return reason
 
@@ -652,7 +671,7 @@ def targetTimeout(target: Target, timeout: float) -> float:
     return timeout
 
 
-def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str | None) -> IStreamClientEndpoint:
+def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str | None, family: int = 0) -> IStreamClientEndpoint:
     """Build C{tls:} targets here: Twisted's parser fails on IPv6 literals."""
     host, port, options = tls.parseTLSTarget(target)
     unknown = set(options) - {"timeout", "bindAddress", "certificate", "privateKey", "trustRoots"}
@@ -671,6 +690,7 @@ def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str
         privateKey=options.get("privateKey"),
         timeout=float(options.get("timeout", timeout)),
         bindAddress=options.get("bindAddress"),
+        family=family,
     )
 
 
@@ -682,12 +702,12 @@ def _describe(target: Target) -> str:
     return str(target)
 
 
-def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | None, cert: str | None, reactor: IReactorTime | None) -> defer.Deferred:
+def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | None, cert: str | None, reactor: IReactorTime | None, family: int = 0) -> defer.Deferred:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     where = _describe(target)
     connectTimeout = targetTimeout(target, timeout)
-    d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), protocol)
+    d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), protocol)
     d.addCallbacks(lambda p: p.done, lambda f: _timedOutConnecting(f, connectTimeout))
     d.addTimeout(timeout, reactor)
     return d.addErrback(_translate, where, timeout).addErrback(_hintTLS, target)
@@ -795,6 +815,7 @@ def relay(
     timeout: float = DEFAULT_TIMEOUT,
     ca: str | None = None,
     cert: str | None = None,
+    family: int = 0,
     reactor: Any = None,
 ) -> defer.Deferred[RelayResult]:
     """
@@ -822,7 +843,7 @@ def relay(
     where = _describe(target)
     seconds = targetTimeout(target, timeout)
     remote = _Remote(mode, reactor, stdin, stdout)
-    connecting = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor), remote)
+    connecting = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), remote)
     timedOut: list[bool] = []
 
     def expire() -> None:

@@ -575,6 +575,7 @@ def clientEndpoint(
     privateKey: str | None = None,
     timeout: float = 30,
     bindAddress: str | None = None,
+    family: int = 0,
 ) -> IStreamClientEndpoint:
     """
     A TLS client endpoint that verifies the server's certificate and name:
@@ -588,7 +589,7 @@ def clientEndpoint(
     identity = loadIdentity(privateKey or cert, cert) if cert else None
     from .client import streamEndpoint  # the client module's choice: no resolution for literals, none needing a running reactor
 
-    tcp = streamEndpoint(reactor, host, int(port), timeout, bindAddress)
+    tcp = streamEndpoint(reactor, host, int(port), timeout, bindAddress, family)
     return wrapClientTLS(ClientTLS(host, trust, identity), tcp)
 
 
