@@ -147,3 +147,21 @@ def test_ipv4_or_ipv6_only():
         assert both.returncode == 64
     finally:
         server.stop()
+
+
+def test_verbose_says_where_it_connected_and_what_tls_it_got(tmp_path):
+    from twistsock import certs
+
+    material = certs.generate(tmp_path / "certs")
+    server = startServer("--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1")
+    try:
+        ports = {e.endpoint.split(":")[0]: e.port for e in server.listening}
+        plain = twistsock("echo", "-v", "127.0.0.1", str(ports["tcp"]), "hi")
+        tls = twistsock("echo", "--verbose", f"tls:localhost:{ports['ssl']}", "--ca", str(material.ca), "hi")
+    finally:
+        server.stop()
+    assert plain.stdout == b"Received: hi\n"
+    first, last = plain.stderr.decode().splitlines()
+    assert first.startswith(f"twistsock: connected to 127.0.0.1:{ports['tcp']} from 127.0.0.1:") and last.endswith(" s in all")
+    lines = tls.stderr.decode().splitlines()
+    assert lines[1].startswith("twistsock: TLS: TLSv1.3, TLS_") and "server certificate CN=localhost, issued by CN=twistsock local CA" in lines[1]

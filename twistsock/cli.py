@@ -86,6 +86,7 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         versions = sub.add_mutually_exclusive_group()
         versions.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET, default=0, help="IPv4 only")
         versions.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
+        sub.add_argument("-v", "--verbose", action="store_true", help="say on standard error where it connects, the TLS it gets, and how long it took")
         sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)")
         if tls:
             sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
@@ -194,7 +195,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if args.verbose:
+        _verbose()
     task.react(_react, (run, parser))
+
+
+def _verbose() -> None:
+    """Show the client's debug events (connections, TLS) on standard error, one line each, and the time at the end."""
+    import atexit
+    import time
+
+    from twisted.logger import formatEvent, globalLogBeginner
+
+    started = time.monotonic()
+
+    def show(event: dict) -> None:
+        if event.get("log_namespace") == "twistsock.client":
+            sys.stderr.write(f"twistsock: {formatEvent(event)}\n")
+            sys.stderr.flush()
+
+    globalLogBeginner.beginLoggingTo([show], discardBuffer=True, redirectStandardIO=False)
+    atexit.register(lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n"))
 
 
 def _interrupt(number: int, frame: object) -> None:

@@ -33,7 +33,8 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol, IResolutionReceiver, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IResolutionReceiver, ISSLTransport
+from twisted.logger import Logger
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
@@ -41,7 +42,7 @@ from zope.interface import implementer
 
 from . import tls
 from .certs import hostName
-from ._format import errorText, printable, splitHostTarget
+from ._format import describe, errorText, oneLine, printable, splitHostTarget
 
 __all__ = [
     "Target",
@@ -360,7 +361,39 @@ class _DatagramExchange(DatagramProtocol):
         return result
 
 
-class _Exchange(Protocol):
+#: Where the client says what it does, at debug level (C{twistsock --verbose} shows it).
+log = Logger(namespace="twistsock.client")
+
+
+class _Reporting(Protocol):
+    """Say, at debug level, where a connection goes and what TLS it got."""
+
+    def makeConnection(self, transport: Any) -> None:
+        log.debug("connected to {peer} from {host}", peer=describe(transport.getPeer()), host=describe(transport.getHost()))
+        super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:
+        handle = self.transport.getHandle()
+        certificate = handle.get_peer_certificate(as_cryptography=True) if hasattr(handle, "get_peer_certificate") else None
+        log.debug(
+            "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by {issuer}",
+            version=handle.get_protocol_version_name(),
+            cipher=handle.get_cipher_name(),
+            group=_group(handle),
+            subject=oneLine(certificate.subject.rfc4514_string()) if certificate is not None else "(none)",
+            issuer=oneLine(certificate.issuer.rfc4514_string()) if certificate is not None else "(none)",
+        )
+
+
+def _group(handle: Any) -> str:
+    try:
+        return handle.get_group_name() or "?"
+    except (AttributeError, Exception):
+        return "?"
+
+
+@implementer(IHandshakeListener)
+class _Exchange(_Reporting):
     """
     One request and its outcome, in C{self.done}.  A finished exchange closes
     the connection and fires once it is closed (over TLS, after both sides'
@@ -926,8 +959,8 @@ class _Terminal(Protocol):
         self.remote.terminalClosed()
 
 
-@implementer(IHalfCloseableProtocol)
-class _Remote(Protocol):
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class _Remote(_Reporting):
     """The connection half of a relay; see L{relay}."""
 
     def __init__(self, mode: str, reactor: Any, stdin: int, stdout: int) -> None:
