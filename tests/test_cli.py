@@ -165,3 +165,10 @@ def test_verbose_says_where_it_connected_and_what_tls_it_got(tmp_path):
     assert first.startswith(f"twistsock: connected to 127.0.0.1:{ports['tcp']} from 127.0.0.1:") and last.endswith(" s in all")
     lines = tls.stderr.decode().splitlines()
     assert lines[1].startswith("twistsock: TLS: TLSv1.3, TLS_") and "server certificate CN=localhost, issued by CN=twistsock local CA" in lines[1]
+
+
+def test_bash_completion_completes_commands_and_options():
+    script = subprocess.run([TWISTSOCK, "completion", "bash"], capture_output=True, text=True, timeout=WAIT).stdout
+    probe = 'COMP_WORDS=(twistsock ec); COMP_CWORD=1; _twistsock; echo "${COMPREPLY[@]}"; COMP_WORDS=(twistsock udp --no); COMP_CWORD=2; _twistsock; echo "${COMPREPLY[@]}"'
+    result = subprocess.run(["bash", "-c", script + "\n" + probe], capture_output=True, text=True, timeout=WAIT)
+    assert result.stdout.splitlines() == ["echo", "--no-reply"], result.stderr

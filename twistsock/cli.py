@@ -112,6 +112,12 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     certs.add_argument("--name", action="append", default=[], type=_certName, help="another DNS name or IP address for the server certificate; repeatable")
     certs.add_argument("--days", type=_days, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
     certs.add_argument("--force", action="store_true", help="replace existing files (this is also how to renew them: a new CA each time)")
+    completion = commands.add_parser(
+        "completion",
+        help="Print a shell completion script.",
+        description="Print a completion script for the shell: eval \"$(twistsock completion bash)\" in ~/.bashrc, or twistsock completion zsh in a zsh fpath file.",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"), help="bash or zsh")
     return parser, commands
 
 
@@ -179,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "certs":
         _certs(args)
         return
+    if args.command == "completion":
+        sys.stdout.write(completionScript(args.shell))
+        return
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while standard input is read, before the reactor runs
     try:
         target, words = splitTarget(args.words)
@@ -220,6 +229,36 @@ def _verbose() -> None:
 
 def _interrupt(number: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def completionScript(shell: str) -> str:
+    """A bash (or zsh, through bashcompinit) completion script for the commands and their options."""
+    _, commands = _parser()
+    cases = []
+    for name, sub in commands.choices.items():
+        options = sorted(o for action in sub._actions for o in action.option_strings)
+        choices = [c for action in sub._actions if not action.option_strings and action.choices for c in action.choices]
+        cases.append(f'        {name}) words="{" ".join(options + choices)}" ;;')
+    body = "\n".join(cases)
+    script = f"""_twistsock() {{
+    local current=${{COMP_WORDS[COMP_CWORD]}} words
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "{" ".join(commands.choices)} --help --version" -- "$current"))
+        return
+    fi
+    case ${{COMP_WORDS[1]}} in
+{body}
+    esac
+    case ${{COMP_WORDS[COMP_CWORD-1]}} in
+        --ca|--cert) COMPREPLY=($(compgen -f -- "$current")); return ;;
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$current"))
+}}
+complete -o default -F _twistsock twistsock
+"""
+    if shell == "zsh":
+        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+    return script
 
 
 def _certs(args: argparse.Namespace) -> None:
