@@ -213,3 +213,40 @@ def test_udp_without_a_reply_sends_once_and_succeeds(servers):
     result = twistsock("udp", "127.0.0.1", port(plain, "sink", udp=True), "--timeout", "1", "waits")
     assert result.returncode == 4 and "sink never answers" in result.stderr.decode()
     assert len([line for line in plain.lines if "-->only once" in line]) == 1
+
+
+@pytest.mark.parametrize("peer", ["ncat", "socat"])
+def test_raw_behaves_as_ncat_and_socat_do_on_a_half_closed_session(servers, peer):
+    """The README's comparison, checked: the same input, the same output and status, from the same server."""
+    from conftest import requireTool
+
+    plain, _, _ = servers
+    echo = port(plain, "echo")
+    tool = requireTool(peer)
+    argv = [tool, "127.0.0.1", echo] if peer == "ncat" else [tool, "-", f"TCP:127.0.0.1:{echo}"]
+    data = os.urandom(1 << 20) + b"\n"
+    theirs = subprocess.run(argv, input=data, capture_output=True, timeout=WAIT)
+    ours = twistsock("raw", "127.0.0.1", echo, input=data)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, data)
+
+
+def test_raw_ends_when_the_server_closes_as_socat_does(servers):
+    """(ncat keeps running until its own input ends: the README says so.)"""
+    from conftest import requireTool
+
+    plain, _, _ = servers
+    upper = port(plain, "upper")  # answers one line, then closes, while our input stays open
+    results = {}
+    for name, argv in {
+        "twistsock": [TWISTSOCK, "raw", "127.0.0.1", upper],
+        "socat": [requireTool("socat"), "-", f"TCP:127.0.0.1:{upper}"],
+    }.items():
+        reader, writer = os.pipe()
+        try:
+            os.write(writer, b"hi\n")
+            done = subprocess.run(argv, stdin=reader, capture_output=True, timeout=WAIT)
+        finally:
+            os.close(reader)
+            os.close(writer)
+        results[name] = (done.returncode, done.stdout)
+    assert results == {name: (0, b"HI\n") for name in results}
