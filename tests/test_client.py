@@ -375,3 +375,11 @@ def test_a_connect_the_server_never_completes_is_a_timeout_naming_the_connect_ti
         for s in fillers:
             s.close()
         full.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bytearray_or_memoryview_is_sent_as_its_bytes(listen):
+    port = yield listen("echo")
+    target = ("127.0.0.1", port.getHost().port)
+    assert (yield client.echo(target, bytearray(b"array"))) == b"array"
+    assert (yield client.echo(target, memoryview(b"view"))) == b"view"

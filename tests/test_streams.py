@@ -250,3 +250,42 @@ def test_raw_ends_when_the_server_closes_as_socat_does(servers):
             os.close(writer)
         results[name] = (done.returncode, done.stdout)
     assert results == {name: (0, b"HI\n") for name in results}
+
+
+# -- found by a fresh-context trial --
+
+
+def test_closed_standard_input_reads_as_empty(servers):
+    plain, _, _ = servers
+    for command in ("raw", "echo", "send"):
+        result = subprocess.run(["bash", "-c", f'{TWISTSOCK} {command} 127.0.0.1 {port(plain, "echo" if command != "send" else "sink")} <&-'], capture_output=True, timeout=WAIT)
+        assert (result.returncode, result.stderr) == (0, b""), (command, result.stderr)
+
+
+def test_send_fails_when_the_server_closes_before_reading_everything(servers):
+    plain, _, _ = servers
+    result = twistsock("send", "127.0.0.1", port(plain, "upper"), input=b"x" * (5 << 20))  # upper closes after its limit
+    assert result.returncode == 1
+    assert "the server closed before it had read everything" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["upper", "hello world"], ["ack", "hello world"], ["echo", "hello world"], ["send", "hi"], ["upper", "hi"]])
+def test_a_message_to_a_tls_port_is_told_to_use_tls(servers, command):
+    _, _, tls = servers
+    service = {"send": "sink", "ack": "echo"}.get(command[0], command[0])
+    result = twistsock(command[0], "127.0.0.1", port(tls, service), *command[1:])
+    assert result.returncode == 7, result.stderr
+    assert "the server answered with TLS: use tls:HOST:PORT" in result.stderr.decode()
+
+
+def test_echo_goes_on_comparing_when_its_reader_stops_reading(servers):
+    plain, _, _ = servers
+    command = f"head -c 20000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')} | head -c 1 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=WAIT)
+    assert result.stdout.strip() == b"0", result.stderr
+
+
+def test_udp_takes_a_bracketed_ipv6_host(servers):
+    plain, _, _ = servers
+    result = twistsock("udp", "[::1]", "9", "--timeout", "1", "x")
+    assert result.returncode in (3, 4) and b"unknown host" not in result.stderr

@@ -181,6 +181,7 @@ def _message(words: list[str]) -> bytes | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run C{twistsock}; exits with one of L{EXIT_STATUSES}."""
+    _reopenClosedStandardStreams()
     parser, args = _parse(argv)
     if args.command == "certs":
         _certs(args)
@@ -225,6 +226,19 @@ def _verbose() -> None:
 
     globalLogBeginner.beginLoggingTo([show], discardBuffer=True, redirectStandardIO=False)
     atexit.register(lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n"))
+
+
+def _reopenClosedStandardStreams() -> None:
+    """Started with standard input or output closed (C{<&-}, C{>&-}): /dev/null in their place, so they read as empty and swallow output."""
+    for fd, mode, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, mode)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
 
 def _interrupt(number: int, frame: object) -> None:

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from . import tls
 from .certs import hostName
@@ -136,7 +136,7 @@ class ServerError(ClientError):
         self.reply = reply
 
 
-def _check(data: object, name: str, timeout: float) -> None:
+def _check(data: object, name: str, timeout: float) -> bytes:
     """Misuse fails at once, with the type or value that is wrong."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{name} must be bytes, not {type(data).__name__} (encode text first: {name}.encode())")
@@ -144,6 +144,7 @@ def _check(data: object, name: str, timeout: float) -> None:
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not timeout > 0:
         raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+    return bytes(data)  # a bytearray or memoryview is sent as the bytes it holds now
 
 
 def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
@@ -151,7 +152,7 @@ def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: s
     Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
     once every byte is handed to the peer's kernel and the connection closed.
     """
-    _check(data, "data", timeout)
+    data = _check(data, "data", timeout)
     return _exchange(target, _Send(data), timeout, ca, cert, reactor, family)
 
 
@@ -161,7 +162,7 @@ def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: s
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
     differs, on extra bytes, or if the server closes before all came back.
     """
-    _check(data, "data", timeout)
+    data = _check(data, "data", timeout)
     return _exchange(target, _Echo(data), timeout, ca, cert, reactor, family)
 
 
@@ -171,7 +172,7 @@ def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: 
     (seed 002's TCPClient).  A reply that is the server's error (C{error: ...})
     fails with L{ServerError}.
     """
-    _check(line, "line", timeout)
+    line = _check(line, "line", timeout)
     if b"\n" in line:
         raise ValueError("upper sends one line: the line must not contain a newline")
     return _exchange(target, _Line(line), timeout, ca, cert, reactor, family)
@@ -183,8 +184,7 @@ def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca:
     closes (seed 003's client).  A reply that is the server's error
     (C{error: ...}) fails with L{ServerError}.
     """
-    _check(message, "message", timeout)
-    message = bytes(message)
+    message = _check(message, "message", timeout)
     if b"\n" in message.rstrip(b"\n"):
         raise ValueError("ack sends one message: the message must not contain a newline")
     return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor, family)
@@ -220,7 +220,7 @@ def udp(
     once and the result is L{None} as soon as it is sent.  A timeout says why
     a server may stay silent.  UDP has no TLS: C{udp} takes no C{ca} or C{cert}.
     """
-    _check(data, "data", timeout)
+    data = _check(data, "data", timeout)
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     host, port = udpTarget(target)
@@ -260,9 +260,10 @@ def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
     """
     if isinstance(target, tuple):
         host, port = target
-        if not 0 < int(port) < 65536:
-            raise ValueError(f"port {port} is not between 1 and 65535")
-        return host, int(port)
+        port = _port(port)
+        if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
+            host = host[1:-1]
+        return host, port
     if not target.startswith("udp:"):
         raise ValueError(f"bad target {target!r}: a UDP target is udp:HOST:PORT or HOST PORT")
     _, host, port, options = splitHostTarget(target)
@@ -369,6 +370,7 @@ class _Reporting(Protocol):
     """Say, at debug level, where a connection goes and what TLS it got."""
 
     def makeConnection(self, transport: Any) -> None:
+        _declareThrough(transport, self)
         log.debug("connected to {peer} from {host}", peer=describe(transport.getPeer()), host=describe(transport.getHost()))
         super().makeConnection(transport)
 
@@ -383,6 +385,19 @@ class _Reporting(Protocol):
             subject=oneLine(certificate.subject.rfc4514_string()) if certificate is not None else "(none)",
             issuer=oneLine(certificate.issuer.rfc4514_string()) if certificate is not None else "(none)",
         )
+
+
+def _declareThrough(transport: Any, protocol: Any) -> None:
+    """
+    Make the endpoint's wrapper around C{protocol} say every interface the
+    protocol has.  Twisted's C{_WrappingProtocol} copies them with
+    C{directlyProvides} in a loop, so only the last one stays: a protocol
+    that is both L{IHalfCloseableProtocol} and L{IHandshakeListener} loses
+    its half-close (C{writeConnectionLost} is never called).
+    """
+    for wrapper in (getattr(transport, "protocol", None), getattr(transport, "wrappedProtocol", None)):
+        if getattr(wrapper, "_wrappedProtocol", None) is protocol:
+            alsoProvides(wrapper, *[i for i in (IHalfCloseableProtocol, IHandshakeListener) if i.providedBy(protocol)])
 
 
 def _group(handle: Any) -> str:
@@ -429,23 +444,55 @@ class _Exchange(_Reporting):
         else:
             self.ended(reason)
 
+    _answered = False
+
+    def answeredWithTLS(self, chunk: bytes) -> bool:
+        """Whether the server's first bytes are TLS though we spoke plain (then the exchange fails, saying so)."""
+        if self._answered:
+            return False
+        self._answered = True
+        if _looksLikeTLS(chunk) and not ISSLTransport.providedBy(self.transport):
+            self.fail(TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"))
+            return True
+        return False
+
     def ended(self, reason: Failure) -> None:
         """The connection closed before the exchange finished."""
         self.fail(_lost(reason))
 
 
+@implementer(IHalfCloseableProtocol)
 class _Send(_Exchange):
     def __init__(self, data: bytes) -> None:
         super().__init__()
         self.data = data
 
+    _sent = False
+
     def connectionMade(self) -> None:
+        # Half-close, then wait for the server to close: success means it read it all.
         self.transport.write(self.data)
-        self.transport.loseConnection()
+        halfClose = getattr(self.transport, "loseWriteConnection", None)
+        if ISSLTransport.providedBy(self.transport) or halfClose is None:
+            self._sent = True  # close_notify (or the close) follows the data; the server's answer ends it
+            self.transport.loseConnection()
+        else:
+            halfClose()
+
+    def writeConnectionLost(self) -> None:
+        self._sent = True  # every byte went out before the FIN
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # the server closed its side: so do we
+
+    def dataReceived(self, chunk: bytes) -> None:
+        self.answeredWithTLS(chunk)  # a sink answers nothing; anything else is ignored
 
     def ended(self, reason: Failure) -> None:
-        if reason.check(error.ConnectionDone):
+        if reason.check(error.ConnectionDone) and self._sent:
             self.done.callback(None)
+        elif reason.check(error.ConnectionDone):
+            self.fail(ConnectionFailed("the server closed before it had read everything"))
         else:
             super().ended(reason)
 
@@ -462,8 +509,8 @@ class _Echo(_Exchange):
             self.succeed(self.data)
 
     def dataReceived(self, chunk: bytes) -> None:
-        if self._result is not _PENDING:
-            return  # all came back; the connection is closing
+        if self._result is not _PENDING or self.answeredWithTLS(chunk):
+            return  # all came back (the connection is closing), or TLS
         start, end = self.received, self.received + len(chunk)
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
@@ -498,6 +545,8 @@ class _Line(_Exchange):
         self.transport.write(self.line)
 
     def dataReceived(self, chunk: bytes) -> None:
+        if self.answeredWithTLS(chunk):
+            return
         start = len(self.buffer)
         self.buffer += chunk
         end = self.buffer.find(b"\n", start)
@@ -536,6 +585,8 @@ class _UntilClose(_Exchange):
         self.transport.write(self.message)
 
     def dataReceived(self, chunk: bytes) -> None:
+        if self.answeredWithTLS(chunk):
+            return
         self.buffer += chunk
         if len(self.buffer) > self.limit:
             self.fail(ConnectionFailed(f"reply longer than {self.limit} bytes"))
@@ -600,8 +651,7 @@ def endpoint(
         return target
     if isinstance(target, tuple):
         host, port = target
-        if not 0 < int(port) < 65536:
-            raise ValueError(f"port {port} is not between 1 and 65535")
+        port = _port(port)
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
         return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout, family=family)
@@ -621,6 +671,17 @@ def endpoint(
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target
         raise ValueError(f"bad target {target!r}: {errorText(e)}") from None
+
+
+def _port(port: object) -> int:
+    """A port number from an int or its text, or a ValueError that says so."""
+    try:
+        number = int(port)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(f"port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    return number
 
 
 def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddress: str | None = None, family: int = 0) -> IStreamClientEndpoint:
@@ -800,13 +861,7 @@ def _hintTLS(reason: Failure, target: Target) -> Failure:
         raise type(e)(f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)")
     if tlsTarget and isinstance(e, Timeout):
         raise Timeout(f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)")
-    if not tlsTarget and not isinstance(e, TLSFailed) and isinstance(e, (ConnectionFailed, EchoMismatch)) and _closedSilently(text):
-        raise type(e)(f"{text} (a TLS port closes a plain client this way: if it is one, use tls:HOST:PORT)")
     return reason
-
-
-def _closedSilently(text: str) -> bool:
-    return "without a reply" in text or "after 0 of" in text or "non-clean fashion" in text
 
 
 def _errno(e: BaseException) -> int | None:
@@ -936,6 +991,26 @@ class _Gate:
             self.terminal.transport.loseConnection()
 
 
+class _Reading:
+    """
+    The connection as standard output's producer: paused and resumed with
+    it, but never stopped by it (a writer that fails stops its producer;
+    what then happens to the connection is L{_Remote.outputGone}'s choice).
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IHalfCloseableProtocol)
 class _Terminal(Protocol):
     """Standard input and output, as one half of a relay."""
@@ -986,7 +1061,7 @@ class _Remote(_Reporting):
         stdin, stdout = self.fds
         stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)
         self.transport.registerProducer(self.gate, True)
-        self.terminal.transport.registerProducer(self.transport, True)
+        self.terminal.transport.registerProducer(_Reading(self.transport), True)
 
     # standard input -> the connection
 
@@ -1032,7 +1107,7 @@ class _Remote(_Reporting):
                 return
         self.result.received += len(data)
         if self.mode == "raw":
-            self.terminal.transport.write(data)
+            self.show(data)
         elif self.mode == "echo":
             self._echoed(data)
         elif self.mode == "upper":
@@ -1046,7 +1121,7 @@ class _Remote(_Reporting):
             self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
             return
         del self.pending[: len(data)]
-        self.terminal.transport.write(data)
+        self.show(data)
         if len(self.pending) <= ECHO_WINDOW // 2:
             self.gate.resume("window")
 
@@ -1061,7 +1136,7 @@ class _Remote(_Reporting):
             if line.startswith(SERVER_ERROR):
                 self._fail(ServerError(f"the server answered with an error: {printable(line[len(SERVER_ERROR):])}", line))
                 return
-            self.terminal.transport.write(b"FROM SERVER: " + line + b"\n")
+            self.show(b"FROM SERVER: " + line + b"\n")
         if len(self.pending) > MAX_REPLY_LINE:
             self._fail(ConnectionFailed(f"reply line longer than {MAX_REPLY_LINE} bytes"))
 
@@ -1072,28 +1147,44 @@ class _Remote(_Reporting):
     _outputGone = False
 
     def outputGone(self) -> None:
-        # Whoever read our output stopped (`| head`): end quietly, as a pipeline expects.
+        # Whoever read our output stopped (`| head`). raw and send end quietly, as a
+        # pipeline expects; echo and upper go on checking what comes back, unshown.
         self._outputGone = True
+        if self.mode in ("echo", "upper"):
+            if self.transport is not None:
+                self.transport.resumeProducing()  # the output that paused it is gone
+            return
         if self.transport is not None:
             self.transport.abortConnection()
+
+    def show(self, data: bytes) -> None:
+        if not self._outputGone and self.terminal.transport is not None:
+            self.terminal.transport.write(data)
 
     def readConnectionLost(self) -> None:
         # The server half-closed: it will send nothing more; finish as if it closed.
         self.transport.loseConnection()
 
+    _sentAll = False
+
     def writeConnectionLost(self) -> None:
-        pass
+        self._sentAll = True  # our FIN went out after every byte of standard input
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self.done.called:
             return
-        clean = reason is None or reason.check(error.ConnectionDone) or self._outputGone
+        clean = reason is None or reason.check(error.ConnectionDone) or (self._outputGone and self.mode not in ("echo", "upper"))
         failure = self.failure
+        delivered = self._sentAll or (self.terminal.ended and ISSLTransport.providedBy(self.transport))
+        if failure is None and self.mode == "send" and not delivered and not reason.check(SSL.Error):
+            # Closed, or reset for the bytes it did not read: either way, not delivered.
+            how = "" if clean else f"; {errorText(reason.value)}"
+            failure = ConnectionFailed(f"the server closed before it had read everything ({self.result.sent} bytes of standard input sent so far{how})")
         if failure is None and not clean:
             failure = _lost(reason)
-        if failure is None and self.mode == "echo" and self.pending and not self._outputGone:
+        if failure is None and self.mode == "echo" and self.pending:
             failure = EchoMismatch(f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back")
-        if failure is None and self.mode == "upper" and self.result.linesReceived < self.result.linesSent and not self._outputGone:
+        if failure is None and self.mode == "upper" and self.result.linesReceived < self.result.linesSent:
             failure = ConnectionFailed("the server closed the connection without a reply") if not self.result.received else ConnectionFailed(
                 f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
                 "(it answers one line per connection unless started with --keep-open)"
@@ -1107,6 +1198,10 @@ class _Remote(_Reporting):
         self.failure = failure
         self._finished = True
         terminal = self.terminal.transport
+        if terminal is not None and not terminal.disconnected:
+            # Standard output's writer resumes a paused producer instead of closing:
+            # the connection, gone now, must not be its producer any more.
+            terminal.unregisterProducer()
         if terminal is None or terminal.disconnected:
             self._fire()
         elif self._outputGone:
