@@ -383,3 +383,11 @@ def test_a_bytearray_or_memoryview_is_sent_as_its_bytes(listen):
     target = ("127.0.0.1", port.getHost().port)
     assert (yield client.echo(target, bytearray(b"array"))) == b"array"
     assert (yield client.echo(target, memoryview(b"view"))) == b"view"
+
+
+def test_cancelling_at_once_is_a_cancellation_not_a_timeout():
+    clock = MemoryReactorClock()
+    d = client.echo(NeverConnects(), b"x", timeout=3, reactor=clock)
+    d.cancel()
+    assert outcome(d).check(defer.CancelledError)
+    clock.advance(10)  # nothing fires later

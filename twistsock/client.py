@@ -804,7 +804,29 @@ def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | Non
     d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), protocol)
     d.addCallbacks(lambda p: p.done, lambda f: _timedOutConnecting(f, connectTimeout))
     d.addTimeout(timeout, reactor)
-    return d.addErrback(_translate, where, timeout).addErrback(_hintTLS, target)
+    return _cancellable(d.addErrback(_translate, where, timeout).addErrback(_hintTLS, target))
+
+
+def _cancellable(inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """
+    A Deferred that a caller's C{cancel()} fails at once with
+    L{defer.CancelledError}, whatever stage the exchange is in (a connection
+    attempt cancelled before the reactor started it used to go on until the
+    timeout); the exchange beneath is cancelled too.
+    """
+
+    def cancel(outer: defer.Deferred[Any]) -> None:
+        inner.cancel()
+
+    outer: defer.Deferred[Any] = defer.Deferred(cancel)
+
+    def forward(result: object) -> None:
+        if not outer.called:
+            outer.callback(result)
+        # else: cancelled already; what the exchange beneath ends with is dropped
+
+    inner.addBoth(forward)
+    return outer
 
 
 class _ConnectTimeout(Exception):
@@ -951,7 +973,7 @@ def relay(
             raise _ConnectTimeout(seconds)
         return _timedOutConnecting(reason, seconds)
 
-    return connecting.addCallbacks(connected, notConnected).addErrback(_translate, where, timeout).addErrback(_hintTLS, target)
+    return _cancellable(connecting.addCallbacks(connected, notConnected).addErrback(_translate, where, timeout).addErrback(_hintTLS, target))
 
 
 def _looksLikeTLS(data: bytes) -> bool:
