@@ -29,13 +29,19 @@ def test_split_target_errors(words):
         cli.splitTarget(words)
 
 
+@pytest.mark.parametrize("word, hint", [("[::1]:5000", "(::1 5000)"), ("localhost:5000", "(localhost 5000)"), ("127.0.0.1:5000", "(127.0.0.1 5000)")])
+def test_host_and_port_in_one_word_get_a_hint(word, hint):
+    with pytest.raises(ValueError, match=f"give HOST and PORT as two words {hint.replace('(', chr(92) + '(').replace(')', chr(92) + ')').replace('.', chr(92) + '.')}"):
+        cli.splitTarget([word, "hi"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         ([], "required"),
         (["nosuch", "tcp:127.0.0.1:1"], "invalid choice"),
         (["echo", "localhost"], "neither an endpoint string"),
-        (["echo", "nosuch:1", "x"], "bad target 'nosuch:1'"),
+        (["echo", "nosuch:1", "x"], "'nosuch:1': give HOST and PORT as two words (nosuch 1)"),
         (["echo", "localhost", "99999", "x"], "between 1 and 65535"),
         (["echo", "tcp:127.0.0.1:1", "--size=-1"], "must be 0 or more"),
         (["echo", "tcp:127.0.0.1:1", "x", "--size", "3"], "either a MESSAGE or --size"),

@@ -391,3 +391,9 @@ def test_cancelling_at_once_is_a_cancellation_not_a_timeout():
     d.cancel()
     assert outcome(d).check(defer.CancelledError)
     clock.advance(10)  # nothing fires later
+
+
+@pytest.mark.parametrize("target", [None, 5000, ["127.0.0.1", 5000]])
+def test_a_target_of_another_type_is_a_type_error_that_says_what_a_target_is(target):
+    with pytest.raises(TypeError, match="a target is an endpoint string, a \\(host, port\\) pair or an IStreamClientEndpoint"):
+        client.echo(target, b"x", reactor=MemoryReactorClock())

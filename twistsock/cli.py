@@ -163,6 +163,11 @@ def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
     @raise ValueError: no usable target.
     """
     first, rest = words[0], list(words[1:])
+    joined = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]*)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", first)
+    if joined and (joined.group(3) or "").lower() not in ("tcp", "ssl", "tls", "unix", "udp"):
+        # HOST:PORT or [HOST6]:PORT in one word, as in URLs
+        host, port = (joined.group(1), joined.group(2)) if joined.group(1) is not None else (joined.group(3), joined.group(4))
+        raise ValueError(f"{first!r}: give HOST and PORT as two words ({host} {port}) or an endpoint string (tcp:{first})")
     if _ENDPOINT_TYPE.match(first) and not isIPv6Literal(first):
         return first, rest
     if not rest:

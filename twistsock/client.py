@@ -637,6 +637,10 @@ def endpoint(
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    if not (isinstance(target, (str, tuple)) or IStreamClientEndpoint.providedBy(target)):
+        raise TypeError(f"a target is an endpoint string, a (host, port) pair or an IStreamClientEndpoint, not {type(target).__name__}")
+    if isinstance(target, tuple) and len(target) != 2:
+        raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
     if family not in (0, socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"family must be 0, socket.AF_INET or socket.AF_INET6, not {family!r}")
     if isinstance(target, str) and target.startswith("tls:"):
