@@ -178,3 +178,25 @@ def test_bash_completion_completes_commands_and_options():
     probe = 'COMP_WORDS=(twistsock ec); COMP_CWORD=1; _twistsock; echo "${COMPREPLY[@]}"; COMP_WORDS=(twistsock udp --no); COMP_CWORD=2; _twistsock; echo "${COMPREPLY[@]}"'
     result = subprocess.run(["bash", "-c", script + "\n" + probe], capture_output=True, text=True, timeout=WAIT)
     assert result.stdout.splitlines() == ["echo", "--no-reply"], result.stderr
+
+
+def test_send_passes_on_the_servers_error_reply():
+    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1", "--max-line", "10")
+    try:
+        result = twistsock("send", "127.0.0.1", str(server.service("upper").port), "x" * 100)
+        streamed = twistsock("send", "127.0.0.1", str(server.service("upper").port), input=b"x" * 100)
+    finally:
+        server.stop()
+    for outcome_ in (result, streamed):
+        assert outcome_.returncode == 8 and "line longer than 10 bytes" in outcome_.stderr.decode()
+
+
+def test_a_full_standard_output_is_one_line_and_status_1():
+    server = startServer("--listen", "echo@tcp:0:interface=127.0.0.1")
+    try:
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run([TWISTSOCK, "echo", "127.0.0.1", str(server.service("echo").port), "hi"], stdout=full, stderr=subprocess.PIPE, timeout=WAIT)
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["twistsock: cannot write the reply to standard output: No space left on device"]

@@ -397,3 +397,11 @@ def test_cancelling_at_once_is_a_cancellation_not_a_timeout():
 def test_a_target_of_another_type_is_a_type_error_that_says_what_a_target_is(target):
     with pytest.raises(TypeError, match="a target is an endpoint string, a \\(host, port\\) pair or an IStreamClientEndpoint"):
         client.echo(target, b"x", reactor=MemoryReactorClock())
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancelling_a_connection_to_an_address_at_once_is_a_cancellation(listen):
+    port = yield listen("echo")
+    d = client.echo(f"tcp:127.0.0.1:{port.getHost().port}", b"hi")
+    d.cancel()
+    assert outcome(d).check(defer.CancelledError)

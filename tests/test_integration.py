@@ -171,7 +171,8 @@ def test_client_errors_are_one_line_with_documented_statuses(server):
         (["echo", "--timeout", "0.5", server.service("sink").target, "x"], 4, b"timed out after 0.5 s"),
         # upper answers, but not with what was sent.
         (["echo", server.service("upper").target], 5, b"echo mismatch at byte 0 of 4"),
-        (["echo", "nosuch:1", "x"], 64, b"bad target"),
+        (["echo", "nosuch:1", "x"], 64, b"give HOST and PORT as two words"),
+        (["echo", "nosuch:x:1", "x"], 64, b"bad target"),
     ]
     if server.transport == "unix":
         cases.append((["echo", "unix:path=/nonexistent/echo.sock", "x"], 3, b"connection refused: No such file or directory"))

@@ -318,8 +318,11 @@ def _react(reactor, run: Callable[[object], defer.Deferred[None]], parser: _Pars
 
 
 def _out(*parts: bytes) -> None:
-    sys.stdout.buffer.write(b"".join(parts) + b"\n")
-    sys.stdout.buffer.flush()
+    try:
+        sys.stdout.buffer.write(b"".join(parts) + b"\n")
+        sys.stdout.buffer.flush()
+    except OSError as e:  # a full disk, a closed pipe: one line, status 1
+        raise client.ClientError(f"cannot write the reply to standard output: {e.strerror or e}") from None
 
 
 def _stream(args, target, mode: str):

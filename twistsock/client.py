@@ -486,7 +486,10 @@ class _Send(_Exchange):
         self.transport.loseConnection()  # the server closed its side: so do we
 
     def dataReceived(self, chunk: bytes) -> None:
-        self.answeredWithTLS(chunk)  # a sink answers nothing; anything else is ignored
+        # A sink answers nothing; a line service's error reply (the message was too long) fails it.
+        if not self.answeredWithTLS(chunk) and chunk.startswith(SERVER_ERROR) and not self.done.called:
+            said = printable(chunk[len(SERVER_ERROR) :].split(b"\n", 1)[0].rstrip(b"\r"))
+            self.fail(ServerError(f"the server answered with an error: {said}", chunk))
 
     def ended(self, reason: Failure) -> None:
         if reason.check(error.ConnectionDone) and self._sent:
@@ -819,13 +822,16 @@ def _cancellable(inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
     timeout); the exchange beneath is cancelled too.
     """
 
+    cancelled: list[bool] = []
+
     def cancel(outer: defer.Deferred[Any]) -> None:
+        cancelled.append(True)  # whatever the exchange beneath ends with now, the caller gets CancelledError
         inner.cancel()
 
     outer: defer.Deferred[Any] = defer.Deferred(cancel)
 
     def forward(result: object) -> None:
-        if not outer.called:
+        if not outer.called and not cancelled:
             outer.callback(result)
         # else: cancelled already; what the exchange beneath ends with is dropped
 
@@ -1132,6 +1138,10 @@ class _Remote(_Reporting):
                 self._fail(TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"))
                 return
         self.result.received += len(data)
+        if self.mode == "send" and self.result.received == len(data) and data.startswith(SERVER_ERROR):
+            said = printable(data[len(SERVER_ERROR) :].split(b"\n", 1)[0].rstrip(b"\r"))
+            self._fail(ServerError(f"the server answered with an error: {said}", data))
+            return
         if self.mode == "raw":
             self.show(data)
         elif self.mode == "echo":
