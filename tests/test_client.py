@@ -405,3 +405,10 @@ def test_cancelling_a_connection_to_an_address_at_once_is_a_cancellation(listen)
     d = client.echo(f"tcp:127.0.0.1:{port.getHost().port}", b"hi")
     d.cancel()
     assert outcome(d).check(defer.CancelledError)
+
+
+@pytest.mark.parametrize("call", [client.echo, client.udp])
+@pytest.mark.parametrize("target", [("127.0.0.1",), ("a", 1, 2)])
+def test_a_tuple_target_has_two_parts(call, target):
+    with pytest.raises(ValueError, match="a \\(host, port\\) target has two parts"):
+        call(target, b"x", reactor=MemoryReactorClock())

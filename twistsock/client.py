@@ -259,11 +259,15 @@ def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
     @raise ValueError: neither C{udp:HOST:PORT} nor C{(host, port)}.
     """
     if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
         host, port = target
         port = _port(port)
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
         return host, port
+    if not isinstance(target, str):
+        raise TypeError(f"a UDP target is udp:HOST:PORT or a (host, port) pair, not {type(target).__name__}")
     if not target.startswith("udp:"):
         raise ValueError(f"bad target {target!r}: a UDP target is udp:HOST:PORT or HOST PORT")
     _, host, port, options = splitHostTarget(target)
@@ -798,6 +802,8 @@ def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str
 def _describe(target: Target) -> str:
     """The target as the user wrote it."""
     if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
         host, port = target
         return f"{host} port {port}"
     return str(target)
