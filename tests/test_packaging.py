@@ -52,3 +52,24 @@ def test_twist_finds_sockets_from_the_wheel_alone(wheel, tmp_path):
     after = subprocess.run(help, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert after.returncode == 0, after.stderr
     assert "--listen" in after.stdout
+
+
+def test_wheel_metadata_names_the_licence_and_one_version(wheel):
+    import twistsock
+
+    names = zipfile.ZipFile(wheel).namelist()
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "License-Expression: MIT" in text
+    assert f"Version: {twistsock.__version__}\n" in text  # the version has one source
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_sdist_carries_what_the_readme_tells_users_to_install(tmp_path):
+    import tarfile
+
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
+    (sdist,) = tmp_path.glob("twistsock-*.tar.gz")
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    for needed in ("LICENSE", "CHANGELOG.md", "CONTRIBUTING.md", "SECURITY.md", "contrib/systemd/twistsock.service", "contrib/systemd/twistsock@.socket", "twistsock/py.typed"):
+        assert needed in names, needed
