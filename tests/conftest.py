@@ -243,12 +243,30 @@ def requireTool(name: str) -> str:
 
 
 def freePort() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """
+    A port free on 127.0.0.1 for TCP and UDP right now, below the kernel's
+    ephemeral range: a port the kernel hands out (bind to port 0) can be
+    taken by any outgoing connection's local end before the server that was
+    meant to have it binds; ports below the range are never handed out.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    choose = random.SystemRandom()
+    for _ in range(1000):
+        port = choose.randrange(10000, max(10001, low))
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def pytest_configure(config) -> None:
