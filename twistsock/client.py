@@ -407,7 +407,7 @@ def _declareThrough(transport: Any, protocol: Any) -> None:
 def _group(handle: Any) -> str:
     try:
         return handle.get_group_name() or "?"
-    except (AttributeError, Exception):
+    except Exception:  # an older pyOpenSSL without it, or no group negotiated
         return "?"
 
 
@@ -456,7 +456,7 @@ class _Exchange(_Reporting):
             return False
         self._answered = True
         if _looksLikeTLS(chunk) and not ISSLTransport.providedBy(self.transport):
-            self.fail(TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"))
+            self.fail(_answeredWithTLS())
             return True
         return False
 
@@ -491,9 +491,8 @@ class _Send(_Exchange):
 
     def dataReceived(self, chunk: bytes) -> None:
         # A sink answers nothing; a line service's error reply (the message was too long) fails it.
-        if not self.answeredWithTLS(chunk) and chunk.startswith(SERVER_ERROR) and not self.done.called:
-            said = printable(chunk[len(SERVER_ERROR) :].split(b"\n", 1)[0].rstrip(b"\r"))
-            self.fail(ServerError(f"the server answered with an error: {said}", chunk))
+        if not self.answeredWithTLS(chunk) and (failure := _serverError(chunk)) is not None:
+            self.fail(failure)
 
     def ended(self, reason: Failure) -> None:
         if reason.check(error.ConnectionDone) and self._sent:
@@ -563,8 +562,9 @@ class _Line(_Exchange):
             self.fail(ConnectionFailed(f"reply longer than {self.limit} bytes"))
 
     def reply(self, line: bytes) -> None:
-        if line.startswith(SERVER_ERROR):
-            self.fail(ServerError(f"the server answered with an error: {printable(line[len(SERVER_ERROR):])}", line))
+        failure = _serverError(line)
+        if failure is not None:
+            self.fail(failure)
         else:
             self.succeed(line)
 
@@ -601,9 +601,9 @@ class _UntilClose(_Exchange):
     def ended(self, reason: Failure) -> None:
         if self.buffer and reason.check(error.ConnectionDone):
             reply = bytes(self.buffer)
-            if reply.startswith(SERVER_ERROR):
-                said = printable(reply[len(SERVER_ERROR) :].rstrip(b"\r\n"))
-                self.done.errback(ServerError(f"the server answered with an error: {said}", reply))
+            failure = _serverError(reply)
+            if failure is not None:
+                self.done.errback(failure)
             else:
                 self.done.callback(reply)
         else:
@@ -992,6 +992,18 @@ def relay(
     return _cancellable(connecting.addCallbacks(connected, notConnected).addErrback(_translate, where, timeout).addErrback(_hintTLS, target))
 
 
+def _serverError(reply: bytes) -> ServerError | None:
+    """The L{ServerError} for a reply that is a line service's error (C{error: ...}), else None."""
+    if not reply.startswith(SERVER_ERROR):
+        return None
+    said = printable(reply[len(SERVER_ERROR) :].split(b"\n", 1)[0].rstrip(b"\r"))
+    return ServerError(f"the server answered with an error: {said}", reply)
+
+
+def _answeredWithTLS() -> TLSFailed:
+    return TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)")
+
+
 def _looksLikeTLS(data: bytes) -> bool:
     """Whether bytes from a server begin a TLS record (an alert or a handshake): a TLS port answering plain bytes."""
     return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
@@ -1091,7 +1103,9 @@ class _Remote(_Reporting):
     def _cancel(self, done: defer.Deferred[RelayResult]) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
-        self._closeTerminal()
+        terminal = self.terminal.transport
+        if terminal is not None and not terminal.disconnected:
+            terminal.loseConnection()
 
     def connectionMade(self) -> None:
         from twisted.internet import stdio
@@ -1141,12 +1155,11 @@ class _Remote(_Reporting):
         if self.first:
             self.first = False
             if self.mode != "raw" and _looksLikeTLS(data) and not ISSLTransport.providedBy(self.transport):
-                self._fail(TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"))
+                self._fail(_answeredWithTLS())
                 return
         self.result.received += len(data)
-        if self.mode == "send" and self.result.received == len(data) and data.startswith(SERVER_ERROR):
-            said = printable(data[len(SERVER_ERROR) :].split(b"\n", 1)[0].rstrip(b"\r"))
-            self._fail(ServerError(f"the server answered with an error: {said}", data))
+        if self.mode == "send" and self.result.received == len(data) and (failure := _serverError(data)) is not None:
+            self._fail(failure)
             return
         if self.mode == "raw":
             self.show(data)
@@ -1175,8 +1188,9 @@ class _Remote(_Reporting):
             del self.pending[: end + 1]
             start = 0
             self.result.linesReceived += 1
-            if line.startswith(SERVER_ERROR):
-                self._fail(ServerError(f"the server answered with an error: {printable(line[len(SERVER_ERROR):])}", line))
+            failure = _serverError(line)
+            if failure is not None:
+                self._fail(failure)
                 return
             self.show(b"FROM SERVER: " + line + b"\n")
         if len(self.pending) > MAX_REPLY_LINE:
@@ -1251,11 +1265,6 @@ class _Remote(_Reporting):
             self._fire()
         else:
             terminal.loseConnection()  # flushes standard output, then terminalClosed
-
-    def _closeTerminal(self) -> None:
-        terminal = self.terminal.transport
-        if terminal is not None and not terminal.disconnected:
-            terminal.loseConnection()
 
     def terminalClosed(self) -> None:
         if self._finished:
