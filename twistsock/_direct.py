@@ -73,9 +73,7 @@ def loseDirectly(transport: Any) -> None:
     closeSoon = getattr(t.reactor, "closeSoon", None)
     if (
         closeSoon is None
-        or t._tempDataLen
-        or t.offset != len(t.dataBuffer)
-        or t.producer is not None
+        or holdsOutput(t)
         or not t.connected
         or t.disconnecting
         or t._writeDisconnecting
@@ -86,6 +84,12 @@ def loseDirectly(transport: Any) -> None:
     t.stopReading()
     t.disconnecting = 1
     closeSoon(t)
+
+
+def holdsOutput(transport: Any) -> bool:
+    """Whether a Twisted socket transport still has bytes to send, or a producer to wait for."""
+    t = transport
+    return bool(t._tempDataLen or t.offset != len(t.dataBuffer) or t.producer is not None)
 
 
 def canWriteDirectly(transport: Any) -> bool:

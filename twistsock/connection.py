@@ -181,9 +181,16 @@ class Connections:
         """
         return self.tick + ticks + 1
 
-    def peerKeyOf(self, address: object) -> str | None:
-        """What C{--max-per-peer} counts a client by: its address, or its network (see L{networkKey})."""
-        if not self.maxPerPeer or not isinstance(address, (IPv4Address, IPv6Address)):
+    def peerKeyOf(self, transport: Any) -> str | None:
+        """
+        What C{--max-per-peer} counts a transport's client by: its address, or
+        its network (see L{networkKey}); None without a per-peer limit (the
+        peer's address is then not even asked for).
+        """
+        if not self.maxPerPeer:
+            return None
+        address = transport.getPeer()
+        if not isinstance(address, (IPv4Address, IPv6Address)):
             return None
         return networkKey(address.host, self.peerPrefixes)
 
@@ -549,9 +556,9 @@ class Connection(Layer):
         if self.admitted:
             # Admitted at accept beneath a PROXY header, which named the client now.
             self.due = self._stage = None
-            refused = connections.rekey(self, connections.peerKeyOf(transport.getPeer()))
+            refused = connections.rekey(self, connections.peerKeyOf(transport))
         else:
-            self.peerKey = connections.peerKeyOf(transport.getPeer())
+            self.peerKey = connections.peerKeyOf(transport)
             refused = connections.admit(self)
         if refused is not None:
             Protocol.makeConnection(self, transport)

@@ -26,6 +26,8 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST, installReactor
 from twisted.python import log
 
+from ._direct import holdsOutput
+
 _NO_FILEDESC = error.ConnectionFdescWentAway("File descriptor lost")
 
 
@@ -51,7 +53,7 @@ class TwistsockReactor(EPollReactor):
         for t in closing:
             if not t.connected or getattr(t, "_aborting", False):
                 continue  # lost another way meanwhile (reset), or being aborted
-            if t._tempDataLen or t.offset != len(t.dataBuffer) or t.producer is not None:
+            if holdsOutput(t):
                 # Written to, or given a producer, since: Twisted closes it after sending.
                 t.startWriting()
                 continue
