@@ -242,6 +242,20 @@ def requireTool(name: str) -> str:
     return path
 
 
+def openMany(port: int, count: int) -> list[socket.socket]:
+    """C{count} connections to 127.0.0.1:C{port}, made without waiting on each (the server may refuse some, or never accept)."""
+    made = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        made.append(s)
+    return made
+
+
 def freePort() -> int:
     """
     A port free on 127.0.0.1 for TCP and UDP right now, below the kernel's

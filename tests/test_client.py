@@ -361,14 +361,9 @@ def test_a_connect_the_server_never_completes_is_a_timeout_naming_the_connect_ti
     port = full.getsockname()[1]
     fillers = []
     try:
-        for _ in range(8):  # fill the accept queue (bounded): further SYNs are dropped
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(s)
+        from conftest import openMany
+
+        fillers = openMany(port, 8)  # fill the accept queue (bounded): further SYNs are dropped
         with pytest.raises(client.Timeout, match=r"timed out connecting after 0\.5 s"):
             yield client.echo(f"tcp:127.0.0.1:{port}:timeout=0.5", b"x", timeout=5)
     finally:

@@ -26,11 +26,7 @@ def records():
 
 
 def connect(name="echo", transport=TransportInfo("tcp"), clock=None):
-    factory = ConnectionFactory(ServiceFactory(name), transport, handshakeTimeout=10, reactor=clock or MemoryReactorClock())
-    protocol = factory.buildProtocol(PEER)
-    wire = StringTransport(hostAddress=HOST, peerAddress=PEER)
-    protocol.makeConnection(wire)
-    return protocol, wire
+    return through(ConnectionFactory(ServiceFactory(name), transport, handshakeTimeout=10, reactor=clock or MemoryReactorClock()))
 
 
 @pytest.mark.parametrize(
@@ -145,12 +141,16 @@ def test_failed_handshake_is_one_record(records):
 from twistsock.connection import Connections  # noqa: E402
 
 
-def open_(connections, clock, name="echo", peer=PEER):
-    factory = ConnectionFactory(ServiceFactory(name), TransportInfo("tcp"), connections=connections, reactor=clock)
+def through(factory, peer=PEER):
+    """One connection from C{peer} through C{factory}, on a memory transport: (protocol, wire)."""
     protocol = factory.buildProtocol(peer)
     wire = StringTransport(hostAddress=HOST, peerAddress=peer)
     protocol.makeConnection(wire)
     return protocol, wire
+
+
+def open_(connections, clock, name="echo", peer=PEER):
+    return through(ConnectionFactory(ServiceFactory(name), TransportInfo("tcp"), connections=connections, reactor=clock), peer)
 
 
 def close(protocol):
@@ -348,11 +348,7 @@ def test_the_idle_timeout_is_never_early_and_at_most_a_second_late(records, time
 def line_(connections, clock, keepOpen=False):
     from twistsock.services import ServiceConfig
 
-    factory = ConnectionFactory(ServiceFactory("upper", ServiceConfig(keepOpen=keepOpen)), TransportInfo("tcp"), connections=connections, reactor=clock)
-    protocol = factory.buildProtocol(PEER)
-    wire = StringTransport(hostAddress=HOST, peerAddress=PEER)
-    protocol.makeConnection(wire)
-    return protocol, wire
+    return through(ConnectionFactory(ServiceFactory("upper", ServiceConfig(keepOpen=keepOpen)), TransportInfo("tcp"), connections=connections, reactor=clock))
 
 
 def test_a_trickled_line_is_closed_by_the_line_deadline_though_never_idle(records):
@@ -415,11 +411,7 @@ def advance(clock, seconds, step=0.05):
 
 def proxied_(connections, clock, peer=PEER):
     """A proxy:tcp: connection as twistsock builds it: PROXY reader -> Connection -> service."""
-    factory = ProxyHeaderFactory(ConnectionFactory(ServiceFactory("echo"), TransportInfo("proxy"), connections=connections, reactor=clock))
-    protocol = factory.buildProtocol(peer)
-    wire = StringTransport(hostAddress=HOST, peerAddress=peer)
-    protocol.makeConnection(wire)
-    return protocol, wire
+    return through(ProxyHeaderFactory(ConnectionFactory(ServiceFactory("echo"), TransportInfo("proxy"), connections=connections, reactor=clock)), peer)
 
 
 def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(records):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import WAIT, startServer
+from conftest import WAIT, openMany, startServer
 
 
 @pytest.fixture(autouse=True)
@@ -27,20 +27,6 @@ def enoughDescriptors():
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def openMany(port: int, count: int) -> list[socket.socket]:
-    """C{count} connections, made without waiting on each (the server may refuse some at once)."""
-    made = []
-    for _ in range(count):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        made.append(s)
-    return made
 
 
 def closedByServer(sockets: list[socket.socket], deadline: float) -> int:
