@@ -211,3 +211,9 @@ def test_help_shows_no_internal_option():
 
     shown = subprocess.run([TWIST, "sockets", "--help"], capture_output=True, text=True, timeout=WAIT).stdout
     assert "--workers=" in shown and "--worker=" not in shown and "INDEX:FD" not in shown
+
+
+@pytest.mark.parametrize("text", ["tcp:notaport", "ssl:port=abc:privateKey=k.pem", "tcp:-1"])
+def test_a_port_that_is_not_a_number_says_so(text):
+    with pytest.raises(ValueError, match="is not a number"):
+        parseListen(text)

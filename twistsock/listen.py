@@ -129,7 +129,9 @@ def _checkPort(rest: str) -> None:
     positional = [f for f in fields if "=" not in f]
     named = [f[len("port=") :] for f in fields if f.startswith("port=")]
     for port in positional[:1] + named:
-        if port.isdigit() and int(port) > 65535:
+        if not port.isdigit():
+            raise ValueError(f"port {port!r} is not a number")
+        if int(port) > 65535:
             raise ValueError(f"port {port} is not between 0 and 65535")
 
 
