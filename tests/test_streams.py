@@ -289,3 +289,43 @@ def test_udp_takes_a_bracketed_ipv6_host(servers):
     plain, _, _ = servers
     result = twistsock("udp", "[::1]", "9", "--timeout", "1", "x")
     assert result.returncode in (3, 4) and b"unknown host" not in result.stderr
+
+
+def waitListening(port: int) -> None:
+    """Until something listens on 127.0.0.1:C{port} (bounded)."""
+    import socket
+    import time
+
+    for _ in range(200):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_the_tls_client_streams_to_openssl_s_server(material):
+    """An independent TLS server: openssl s_server, reversing lines (-rev), and printing what it receives (-quiet)."""
+    from conftest import freePort, requireTool
+
+    openssl = requireTool("openssl")
+    port = freePort()
+    reverse = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(material.server), "-rev"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        waitListening(port)  # (the probe is a connection of its own: no -naccept)
+        result = twistsock("raw", f"tls:localhost:{port}", "--ca", str(material.ca), input=b"hello\n")
+    finally:
+        reverse.kill()
+        reverse.wait()
+    assert (result.returncode, result.stdout) == (0, b"olleh\n"), result.stderr
+
+    port = freePort()
+    printer = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(material.server), "-quiet"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        waitListening(port)
+        result = twistsock("send", f"tls:localhost:{port}", "--ca", str(material.ca), input=b"to openssl s_server\n")
+        received = printer.stdout.readline()
+    finally:
+        printer.kill()
+        printer.wait()
+    assert (result.returncode, received) == (0, b"to openssl s_server\n"), result.stderr
