@@ -36,11 +36,19 @@ def twisted(port: int, pem: str | None = None) -> None:
             self.transport.write(data, address)
 
     reactor.listenTCP(port, protocol.Factory.forProtocol(Echo), interface="127.0.0.1", backlog=4096)
-    reactor.listenTCP(port + 1, protocol.Factory.forProtocol(Upper), interface="127.0.0.1", backlog=4096)
+    reactor.listenTCP(
+        port + 1, protocol.Factory.forProtocol(Upper), interface="127.0.0.1", backlog=4096
+    )
     reactor.listenUDP(port, UDPEcho(), interface="127.0.0.1", maxPacketSize=65536)
     if pem:
         options = ssl.PrivateCertificate.loadPEM(open(pem).read()).options()
-        reactor.listenSSL(port + 2, protocol.Factory.forProtocol(Echo), options, interface="127.0.0.1", backlog=4096)
+        reactor.listenSSL(
+            port + 2,
+            protocol.Factory.forProtocol(Echo),
+            options,
+            interface="127.0.0.1",
+            backlog=4096,
+        )
     reactor.callWhenRunning(print, f"listening {port}", flush=True)
     reactor.run()
 

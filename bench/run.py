@@ -54,32 +54,64 @@ WORKLOADS = [
     Workload("echo 1 KiB x 10", "req/s", ("pingpong", "{port}", "10", "1024", "{seconds}")),
     Workload("echo 64 KiB x 10", "req/s", ("pingpong", "{port}", "10", "65536", "{seconds}")),
     Workload("echo 1 KiB x 100", "req/s", ("pingpong", "{port}", "100", "1024", "{seconds}")),
-    Workload("connections/s (upper)", "conn/s", ("connect", "{port}", "8", "{seconds}"), portOffset=1, needs="upper"),
+    Workload(
+        "connections/s (upper)",
+        "conn/s",
+        ("connect", "{port}", "8", "{seconds}"),
+        portOffset=1,
+        needs="upper",
+    ),
     Workload("bulk echo", "MB/s", ("bulk", "{port}", "{seconds}")),
     Workload("UDP echo 64 B x 10", "dgram/s", ("udp", "{port}", "10", "64", "{seconds}")),
-    Workload("TLS echo 1 KiB x 10", "req/s", ("pingpong", "{port}", "10", "1024", "{seconds}"), portOffset=2, needs="tls", tool="tlsload"),
-    Workload("TLS handshakes/s", "hs/s", ("handshake", "{port}", "8", "{seconds}"), portOffset=2, needs="tls", tool="tlsload"),
+    Workload(
+        "TLS echo 1 KiB x 10",
+        "req/s",
+        ("pingpong", "{port}", "10", "1024", "{seconds}"),
+        portOffset=2,
+        needs="tls",
+        tool="tlsload",
+    ),
+    Workload(
+        "TLS handshakes/s",
+        "hs/s",
+        ("handshake", "{port}", "8", "{seconds}"),
+        portOffset=2,
+        needs="tls",
+        tool="tlsload",
+    ),
 ]
 IDLE = 5000
 
 
-def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple[callable, set[str]]]:
+def servers(
+    build: Path, logs: Path, pypy: str | None = None
+) -> dict[str, tuple[callable, set[str]]]:
     """Each server: a function of the port to its command line, and what it serves."""
     python = sys.executable
     peers = str(HERE / "peers.py")
     pem = str(build / "certs" / "server.pem")
 
-    def twistsock(port: int, reactor: str | None = None, twist: tuple[str, ...] = (str(BIN / "twist"),)) -> list[str]:
+    def twistsock(
+        port: int, reactor: str | None = None, twist: tuple[str, ...] = (str(BIN / "twist"),)
+    ) -> list[str]:
         # As the README starts it, its log in a file: JSON (not a terminal), the twistsock reactor
         # unless another is named.
         chosen = [f"--reactor={reactor}"] if reactor else []
         return [
-            *twist, *chosen, f"--log-file={logs / f'twistsock-{port}.log'}", "sockets",
-            "--listen", f"echo@tcp:{port}:interface=127.0.0.1:backlog=4096",
-            "--listen", f"upper@tcp:{port + 1}:interface=127.0.0.1:backlog=4096",
-            "--listen", f"echo@udp:{port}:interface=127.0.0.1",
-            "--listen", f"echo@ssl:{port + 2}:interface=127.0.0.1:backlog=4096:privateKey={pem}:certKey={pem}",
-            "--udp-rate", "0",
+            *twist,
+            *chosen,
+            f"--log-file={logs / f'twistsock-{port}.log'}",
+            "sockets",
+            "--listen",
+            f"echo@tcp:{port}:interface=127.0.0.1:backlog=4096",
+            "--listen",
+            f"upper@tcp:{port + 1}:interface=127.0.0.1:backlog=4096",
+            "--listen",
+            f"echo@udp:{port}:interface=127.0.0.1",
+            "--listen",
+            f"echo@ssl:{port + 2}:interface=127.0.0.1:backlog=4096:privateKey={pem}:certKey={pem}",
+            "--udp-rate",
+            "0",
         ]
 
     every = {"tcp", "upper", "udp", "tls"}
@@ -94,7 +126,10 @@ def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple
     if pypy:
         # twistsock from this checkout (PyPy may be older than the package's requires-python).
         withPath = ("env", f"PYTHONPATH={HERE.parent}", pypy)
-        table["twistsock pypy"] = (lambda p: twistsock(p, None, (*withPath, "-m", "twisted")), every)
+        table["twistsock pypy"] = (
+            lambda p: twistsock(p, None, (*withPath, "-m", "twisted")),
+            every,
+        )
         table["twisted pypy"] = (lambda p: [pypy, peers, "twisted", str(p), pem], every)
         table["asyncio pypy"] = (lambda p: [pypy, peers, "asyncio", str(p), pem], every)
     return table
@@ -103,9 +138,27 @@ def servers(build: Path, logs: Path, pypy: str | None = None) -> dict[str, tuple
 def build(directory: Path) -> None:
     """Compile the load generators and the C server; make the TLS server's certificate."""
     for name in ("loadgen", "cecho"):
-        subprocess.run(["cc", "-O2", "-o", str(directory / name), str(HERE / f"{name}.c")], check=True)
-    subprocess.run(["cc", "-O2", "-o", str(directory / "tlsload"), str(HERE / "tlsload.c"), "-lssl", "-lcrypto", "-lpthread"], check=True)
-    subprocess.run([str(BIN / "twistsock"), "certs", str(directory / "certs")], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["cc", "-O2", "-o", str(directory / name), str(HERE / f"{name}.c")], check=True
+        )
+    subprocess.run(
+        [
+            "cc",
+            "-O2",
+            "-o",
+            str(directory / "tlsload"),
+            str(HERE / "tlsload.c"),
+            "-lssl",
+            "-lcrypto",
+            "-lpthread",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [str(BIN / "twistsock"), "certs", str(directory / "certs")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def freePorts() -> int:
@@ -119,7 +172,11 @@ def freePorts() -> int:
 
     while True:
         port = random.randrange(10000, 32000, 3)
-        if all(_free(port + i, kind) for i in (0, 1, 2) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)):
+        if all(
+            _free(port + i, kind)
+            for i in (0, 1, 2)
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+        ):
             return port
 
 
@@ -149,7 +206,11 @@ def rss(pid: int) -> int:
 class Server:
     def __init__(self, argv: list[str], port: int) -> None:
         self.port = port
-        self.process = subprocess.Popen(["taskset", "-c", SERVER_CORE, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:  # ready when it accepts; this connect-and-close is also the asyncio priming
             try:
@@ -174,9 +235,16 @@ def measure(tools: Path, workload: Workload, server: Server, seconds: float) -> 
     """Run one cell: the rate, and the server's CPU microseconds per request."""
     import json
 
-    args = [a.format(port=server.port + workload.portOffset, seconds=seconds) for a in workload.args]
+    args = [
+        a.format(port=server.port + workload.portOffset, seconds=seconds) for a in workload.args
+    ]
     before = cpuSeconds(server.process.pid)
-    result = subprocess.run(["taskset", "-c", CLIENT_CORE, str(tools / workload.tool), args[0], "127.0.0.1", *args[1:]], capture_output=True, text=True, timeout=seconds + 60)
+    result = subprocess.run(
+        ["taskset", "-c", CLIENT_CORE, str(tools / workload.tool), args[0], "127.0.0.1", *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     after = cpuSeconds(server.process.pid)
     if result.returncode != 0:
         raise RuntimeError(f"loadgen failed: {result.stderr.strip()}")
@@ -188,7 +256,21 @@ def measure(tools: Path, workload: Workload, server: Server, seconds: float) -> 
 def idleMemory(loadgen: Path, server: Server) -> float:
     """Server memory per idle connection, in KiB, over IDLE connections."""
     before = rss(server.process.pid)
-    holder = subprocess.Popen(["taskset", "-c", CLIENT_CORE, str(loadgen), "idle", "127.0.0.1", str(server.port), str(IDLE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            CLIENT_CORE,
+            str(loadgen),
+            "idle",
+            "127.0.0.1",
+            str(server.port),
+            str(IDLE),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().startswith("ready"), "idle connections not made"
         last, stable = -1, 0
@@ -209,14 +291,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--only", action="append", help="run only workloads whose name contains this")
-    parser.add_argument("--pypy", metavar="PYTHON", help="also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds of the same load first)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before a PyPy cell is measured (default: 3)")
+    parser.add_argument(
+        "--only", action="append", help="run only workloads whose name contains this"
+    )
+    parser.add_argument(
+        "--pypy",
+        metavar="PYTHON",
+        help="also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds of the same load first)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="seconds of load before a PyPy cell is measured (default: 3)",
+    )
     parser.add_argument("--servers", help="comma-separated servers to run (default: all)")
-    parser.add_argument("--write", type=Path, help="also write the results as Markdown to this file")
+    parser.add_argument(
+        "--write", type=Path, help="also write the results as Markdown to this file"
+    )
     args = parser.parse_args()
     if os.cpu_count() < 2:
-        raise SystemExit("the benchmark needs 2 cores: one for the server, one for the load generator")
+        raise SystemExit(
+            "the benchmark needs 2 cores: one for the server, one for the load generator"
+        )
 
     work = Path(tempfile.mkdtemp(prefix="twistsock-bench-"))
     try:
@@ -244,11 +341,16 @@ def main() -> None:
                         server.stop()
                     rates[name] = rate
                     results.setdefault((workload.name, name), []).append((rate, cpu))
-                    print(f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req", flush=True)
+                    print(
+                        f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req",
+                        flush=True,
+                    )
                 for name, rate in rates.items():
                     for base in ("asyncio", "uvloop", "C epoll"):
                         if base in rates:
-                            ratios.setdefault((workload.name, f"{name}/{base}"), []).append(rate / rates[base])
+                            ratios.setdefault((workload.name, f"{name}/{base}"), []).append(
+                                rate / rates[base]
+                            )
             if not args.only or any("idle" in o for o in args.only):
                 for name, (command, serves) in table.items():
                     port = freePorts()
@@ -258,7 +360,10 @@ def main() -> None:
                     finally:
                         server.stop()
                     results.setdefault(("idle memory", name), []).append((kib, 0.0))
-                    print(f"round {round + 1} {'idle memory':24} {name:17} {kib:12.2f} KiB/conn", flush=True)
+                    print(
+                        f"round {round + 1} {'idle memory':24} {name:17} {kib:12.2f} KiB/conn",
+                        flush=True,
+                    )
         report = render(results, ratios, workloads, args)
         print(report)
         if args.write:
@@ -286,11 +391,15 @@ def render(results, ratios, workloads, args) -> str:
         rates = [v[0] for v in values]
         cpu = statistics.median(v[1] for v in values)
         cpuText = f"{cpu:.1f} us" if cpu else ""
-        lines.append(f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | {min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |")
+        lines.append(
+            f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | {min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |"
+        )
     lines += ["", "| workload | ratio | median | spread |", "|---|---|---|---|"]
     for (workload, pair), values in ratios.items():
         if pair.split("/")[0].startswith(("twistsock", "twisted")):
-            lines.append(f"| {workload} | {pair} | {statistics.median(values):.2f}x | {min(values):.2f} - {max(values):.2f} |")
+            lines.append(
+                f"| {workload} | {pair} | {statistics.median(values):.2f}x | {min(values):.2f} - {max(values):.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

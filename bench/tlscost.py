@@ -28,12 +28,14 @@ from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from twistsock import certs  # noqa: E402
+from twistsock import certs
 
 MESSAGE = b"x" * 1024
 
 
-def _pyOpenSSLPair(serverContext: SSL.Context, clientContext: SSL.Context) -> tuple[SSL.Connection, SSL.Connection]:
+def _pyOpenSSLPair(
+    serverContext: SSL.Context, clientContext: SSL.Context
+) -> tuple[SSL.Connection, SSL.Connection]:
     """A handshaken server and client, in memory."""
     server = SSL.Connection(serverContext, None)
     server.set_accept_state()
@@ -164,7 +166,9 @@ def main() -> None:
                 results[i].append(measure(pem, count))
     for i, (name, unit, _, _) in enumerate(cases):
         times = ", ".join(f"{s * 1e6:.2f}" for s in results[i])
-        print(f"{name:10}  {min(results[i]) * 1e6:8.2f} us per {unit} (best of {args.rounds}: {times})")
+        print(
+            f"{name:10}  {min(results[i]) * 1e6:8.2f} us per {unit} (best of {args.rounds}: {times})"
+        )
 
 
 if __name__ == "__main__":

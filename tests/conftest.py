@@ -94,7 +94,9 @@ class Server:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no {count} log lines match {pattern!r}; log:\n" + "\n".join(self.lines))
+                    raise AssertionError(
+                        f"no {count} log lines match {pattern!r}; log:\n" + "\n".join(self.lines)
+                    )
                 self._changed.wait(min(left, 0.5))
 
     def service(self, name: str) -> Listening:
@@ -138,7 +140,12 @@ def spawn(argv: list[str], *, cwd: Path | None = None, json: bool = False) -> Se
     return server
 
 
-def startServer(*args: str, command: tuple[str, ...] = (TWIST, "--log-format=text"), cwd: Path | None = None, json: bool = False) -> Server:
+def startServer(
+    *args: str,
+    command: tuple[str, ...] = (TWIST, "--log-format=text"),
+    cwd: Path | None = None,
+    json: bool = False,
+) -> Server:
     """Start `twist sockets ARGS` and wait until every --listen is listening."""
     if json:
         command = (TWIST, "--log-format=json")
@@ -170,10 +177,18 @@ def serve():
 
 def runTwist(*args: str, command: tuple[str, ...] = (TWIST,)) -> subprocess.CompletedProcess:
     """Run `twist sockets ARGS` to completion (for start-up errors); output as text."""
-    return subprocess.run([*command, "sockets", *args], capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*command, "sockets", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def twistsock(*args: str, input: bytes | None = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
+def twistsock(
+    *args: str, input: bytes | None = None, timeout: float = WAIT
+) -> subprocess.CompletedProcess:
     """Run the twistsock command; stdout and stderr as bytes."""
     return subprocess.run(
         [TWISTSOCK, *args],
@@ -186,15 +201,17 @@ def twistsock(*args: str, input: bytes | None = None, timeout: float = WAIT) -> 
 @pytest.fixture
 def short_tmp(tmp_path_factory) -> Path:
     """A short directory for UNIX socket paths (they are limited to 107 bytes)."""
-    import tempfile
     import shutil
+    import tempfile
 
     path = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
-def echoWhileSignalled(server, port: int, size: int, signalAfter: int = 1 << 20, waitFor: str | None = None) -> bytes:
+def echoWhileSignalled(
+    server, port: int, size: int, signalAfter: int = 1 << 20, waitFor: str | None = None
+) -> bytes:
     """
     Echo `size` random bytes through 127.0.0.1:port, sending SIGTERM to the
     server once `signalAfter` bytes have come back; then half-close and read

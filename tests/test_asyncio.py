@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from conftest import WAIT, startServer
+
 from twistsock import certs
 
 PROGRAM = textwrap.dedent(
@@ -38,10 +39,19 @@ PROGRAM = textwrap.dedent(
 
 def test_the_client_from_asyncio_run(tmp_path):
     material = certs.generate(tmp_path / "certs")
-    server = startServer("--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1")
+    server = startServer(
+        "--listen",
+        "echo@tcp:0:interface=127.0.0.1",
+        "--listen",
+        f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+    )
     try:
         ports = {e.endpoint.split(":")[0]: e.port for e in server.listening}
-        result = subprocess.run([sys.executable, "-c", PROGRAM, str(ports["tcp"]), str(ports["ssl"]), str(material.ca)], capture_output=True, timeout=WAIT)
+        result = subprocess.run(
+            [sys.executable, "-c", PROGRAM, str(ports["tcp"]), str(ports["ssl"]), str(material.ca)],
+            capture_output=True,
+            timeout=WAIT,
+        )
     finally:
         server.stop()
     assert result.returncode == 0, result.stderr.decode()

@@ -235,7 +235,10 @@ def test_an_address_is_connected_to_as_it_is_and_a_name_is_resolved():
     assert isinstance(client.endpoint(("127.0.0.1", 5000), reactor=running), TCP4ClientEndpoint)
     assert isinstance(client.endpoint(("localhost", 5000), reactor=running), HostnameEndpoint)
     # A reactor that is not running (asyncio's, driven by asyncio.run) resolves names in a thread of its own.
-    assert isinstance(client.endpoint(("localhost", 5000), reactor=MemoryReactorClock()), client._ResolvingEndpoint)
+    assert isinstance(
+        client.endpoint(("localhost", 5000), reactor=MemoryReactorClock()),
+        client._ResolvingEndpoint,
+    )
 
 
 # -- real round trips on loopback, against the real services -------------
@@ -317,7 +320,16 @@ def test_udp_text_is_a_type_error_at_once():
         client.udp(("127.0.0.1", 9), "text", reactor=MemoryReactorClock())
 
 
-@pytest.mark.parametrize("timeout, kind", [(0, ValueError), (-1, ValueError), (float("nan"), ValueError), ("5", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "timeout, kind",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+    ],
+)
 @pytest.mark.parametrize("call", [client.send, client.echo, client.upper, client.ack, client.udp])
 def test_a_timeout_that_is_not_a_positive_number_is_refused_at_once(call, timeout, kind):
     with pytest.raises(kind, match="timeout must be"):
@@ -390,7 +402,10 @@ def test_cancelling_at_once_is_a_cancellation_not_a_timeout():
 
 @pytest.mark.parametrize("target", [None, 5000, ["127.0.0.1", 5000]])
 def test_a_target_of_another_type_is_a_type_error_that_says_what_a_target_is(target):
-    with pytest.raises(TypeError, match="a target is an endpoint string, a \\(host, port\\) pair or an IStreamClientEndpoint"):
+    with pytest.raises(
+        TypeError,
+        match="a target is an endpoint string, a \\(host, port\\) pair or an IStreamClientEndpoint",
+    ):
         client.echo(target, b"x", reactor=MemoryReactorClock())
 
 

@@ -21,12 +21,21 @@ HOST = IPv4Address("TCP", "127.0.0.1", 5000)
 def records():
     observer = EventLoggingObserver()
     globalLogPublisher.addObserver(observer)
-    yield lambda namespace="twistsock.connection.Connection": [e for e in observer if e.get("log_namespace", "") == namespace]
+    yield lambda namespace="twistsock.connection.Connection": [
+        e for e in observer if e.get("log_namespace", "") == namespace
+    ]
     globalLogPublisher.removeObserver(observer)
 
 
 def connect(name="echo", transport=TransportInfo("tcp"), clock=None):
-    return through(ConnectionFactory(ServiceFactory(name), transport, handshakeTimeout=10, reactor=clock or MemoryReactorClock()))
+    return through(
+        ConnectionFactory(
+            ServiceFactory(name),
+            transport,
+            handshakeTimeout=10,
+            reactor=clock or MemoryReactorClock(),
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,7 +70,19 @@ def test_record_of_an_echo_the_peer_closed(records):
     protocol.connectionLost(Failure(ConnectionDone()))
     assert wire.value() == b"hello!"
     (event,) = records()
-    assert {k: event[k] for k in ("service", "transport", "peer", "local", "reason", "bytes_in", "bytes_out", "detail")} == {
+    assert {
+        k: event[k]
+        for k in (
+            "service",
+            "transport",
+            "peer",
+            "local",
+            "reason",
+            "bytes_in",
+            "bytes_out",
+            "detail",
+        )
+    } == {
         "service": "echo",
         "transport": "tcp",
         "peer": "127.0.0.1:40000",  # IPv4-mapped shows as plain IPv4
@@ -71,7 +92,9 @@ def test_record_of_an_echo_the_peer_closed(records):
         "bytes_out": 6,
         "detail": None,
     }
-    assert formatEvent(event).startswith("echo tcp 127.0.0.1:40000 -> 127.0.0.1:5000: peer closed after ")
+    assert formatEvent(event).startswith(
+        "echo tcp 127.0.0.1:40000 -> 127.0.0.1:5000: peer closed after "
+    )
     assert formatEvent(event).endswith(" s, 6 bytes in, 6 bytes out")
 
 
@@ -99,7 +122,10 @@ def test_tls_handshake_deadline(records):
     clock.advance(0.1)
     protocol.connectionLost(Failure(ConnectionLost()))
     (event,) = records()
-    assert (event["reason"], event["detail"]) == ("tls handshake timeout", "no handshake within 10 s")
+    assert (event["reason"], event["detail"]) == (
+        "tls handshake timeout",
+        "no handshake within 10 s",
+    )
 
 
 class Certificate:
@@ -150,7 +176,12 @@ def through(factory, peer=PEER):
 
 
 def open_(connections, clock, name="echo", peer=PEER):
-    return through(ConnectionFactory(ServiceFactory(name), TransportInfo("tcp"), connections=connections, reactor=clock), peer)
+    return through(
+        ConnectionFactory(
+            ServiceFactory(name), TransportInfo("tcp"), connections=connections, reactor=clock
+        ),
+        peer,
+    )
 
 
 def close(protocol):
@@ -226,7 +257,9 @@ class TCPWire(StringTransport):
 
 def test_nagle_is_off_from_the_second_write_of_a_tcp_connection():
     """A first write has nothing unacknowledged before it: Nagle cannot delay it, so one reply costs no setsockopt."""
-    factory = ConnectionFactory(ServiceFactory("echo"), TransportInfo("tcp"), reactor=MemoryReactorClock())
+    factory = ConnectionFactory(
+        ServiceFactory("echo"), TransportInfo("tcp"), reactor=MemoryReactorClock()
+    )
     wire = TCPWire(hostAddress=HOST, peerAddress=PEER)
     protocol = factory.buildProtocol(PEER)
     protocol.makeConnection(wire)
@@ -238,7 +271,9 @@ def test_nagle_is_off_from_the_second_write_of_a_tcp_connection():
 
 def test_nagle_is_off_at_once_under_tls():
     """A handshake is several writes in a row."""
-    factory = ConnectionFactory(ServiceFactory("echo"), TransportInfo("tls", tls=True), reactor=MemoryReactorClock())
+    factory = ConnectionFactory(
+        ServiceFactory("echo"), TransportInfo("tls", tls=True), reactor=MemoryReactorClock()
+    )
     wire = TCPWire(hostAddress=HOST, peerAddress=PEER)
     factory.buildProtocol(PEER).makeConnection(wire)
     assert wire.noDelay is True
@@ -258,9 +293,17 @@ def test_a_long_burst_of_refusals_is_summed_up_every_10_s(records):
         close(open_(connections, clock)[0])
         clock.advance(0.25)
     clock.advance(2)
-    summaries = [(e["count"], e["reasons"]) for e in records("twistsock.connection.Connections") if "more connections refused" in e["log_format"]]
+    summaries = [
+        (e["count"], e["reasons"])
+        for e in records("twistsock.connection.Connections")
+        if "more connections refused" in e["log_format"]
+    ]
     # 1 recorded; 39 summed up at 10 s, 40 at 20 s, the last 20 once a second passed without one.
-    assert summaries == [(39, "39 by max connections"), (40, "40 by max connections"), (20, "20 by max connections")]
+    assert summaries == [
+        (39, "39 by max connections"),
+        (40, "40 by max connections"),
+        (20, "20 by max connections"),
+    ]
     assert len(records()) == 1
 
 
@@ -348,7 +391,14 @@ def test_the_idle_timeout_is_never_early_and_at_most_a_second_late(records, time
 def line_(connections, clock, keepOpen=False):
     from twistsock.services import ServiceConfig
 
-    return through(ConnectionFactory(ServiceFactory("upper", ServiceConfig(keepOpen=keepOpen)), TransportInfo("tcp"), connections=connections, reactor=clock))
+    return through(
+        ConnectionFactory(
+            ServiceFactory("upper", ServiceConfig(keepOpen=keepOpen)),
+            TransportInfo("tcp"),
+            connections=connections,
+            reactor=clock,
+        )
+    )
 
 
 def test_a_trickled_line_is_closed_by_the_line_deadline_though_never_idle(records):
@@ -385,7 +435,9 @@ def test_under_keep_open_each_line_has_its_own_deadline(records):
     protocol.dataReceived(b"two lines\nand the start of a th")  # a new line starts in the same read
     started = clock.seconds()
     while not wire.disconnecting and clock.seconds() < started + 10:
-        clock.advance(0.05)  # the sweep counts its own runs: time passes in steps, as in a running reactor
+        clock.advance(
+            0.05
+        )  # the sweep counts its own runs: time passes in steps, as in a running reactor
     # By its own deadline, though the read also finished a line; not before it.
     assert 2 <= clock.seconds() - started <= 3
     close(protocol)
@@ -411,7 +463,17 @@ def advance(clock, seconds, step=0.05):
 
 def proxied_(connections, clock, peer=PEER):
     """A proxy:tcp: connection as twistsock builds it: PROXY reader -> Connection -> service."""
-    return through(ProxyHeaderFactory(ConnectionFactory(ServiceFactory("echo"), TransportInfo("proxy"), connections=connections, reactor=clock)), peer)
+    return through(
+        ProxyHeaderFactory(
+            ConnectionFactory(
+                ServiceFactory("echo"),
+                TransportInfo("proxy"),
+                connections=connections,
+                reactor=clock,
+            )
+        ),
+        peer,
+    )
 
 
 def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(records):
@@ -422,7 +484,9 @@ def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(rec
     b, bWire = proxied_(connections, clock)
     assert len(connections.active) == 2 and connections.opened[("echo", "proxy")] == 2
     c, cWire = proxied_(connections, clock)
-    assert cWire.disconnecting and not aWire.disconnecting  # refused at accept: the header never mattered
+    assert (
+        cWire.disconnecting and not aWire.disconnecting
+    )  # refused at accept: the header never mattered
     close(c)
     a.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nhi")
     assert aWire.value() == b"hi"
@@ -430,7 +494,10 @@ def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(rec
     close(b)
     reasons = [(r["reason"], r["detail"], r["peer"]) for r in records()]
     # b connected and closed without a byte: a load balancer's health check, counted but not logged.
-    assert reasons == [("limit", "max connections", "127.0.0.1:40000"), ("peer closed", None, "192.0.2.7:4000")]
+    assert reasons == [
+        ("limit", "max connections", "127.0.0.1:40000"),
+        ("peer closed", None, "192.0.2.7:4000"),
+    ]
     assert connections.opened[("echo", "proxy")] == 2
     assert not connections.active and not connections.perPeer
     connections.stop()
@@ -450,7 +517,11 @@ def test_the_proxy_header_has_a_deadline_and_timeouts_are_summed_up(records):
         close(protocol)
     advance(clock, 1.5)  # a quiet second ends the burst
     first, *rest = records()
-    assert (first["reason"], first["detail"], first["bytes_in"]) == ("proxy header timeout", "no PROXY header within 2 s", 16)
+    assert (first["reason"], first["detail"], first["bytes_in"]) == (
+        "proxy header timeout",
+        "no PROXY header within 2 s",
+        16,
+    )
     assert rest == []  # the other 49 are summed up
     (summary,) = records("twistsock.connection.Connections")
     assert (summary["count"], summary["reasons"]) == (49, "49 by proxy header timeout")
@@ -462,8 +533,12 @@ def test_the_per_peer_limit_counts_the_client_the_proxy_header_names(records):
     clock = MemoryReactorClock()
     connections = Connections(clock, maxPerPeer=1, idleTimeout=0, proxyTimeout=5)
     # Before their headers every connection comes from the balancer: none is refused per peer.
-    (a, aWire), (b, bWire), (c, cWire), (d, dWire) = [proxied_(connections, clock) for _ in range(4)]
-    assert not any(w.disconnecting for w in (aWire, bWire, cWire, dWire)) and not connections.perPeer
+    (a, aWire), (b, bWire), (c, cWire), (d, dWire) = [
+        proxied_(connections, clock) for _ in range(4)
+    ]
+    assert (
+        not any(w.disconnecting for w in (aWire, bWire, cWire, dWire)) and not connections.perPeer
+    )
     a.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n")
     assert connections.perPeer == {"192.0.2.7": 1}
     b.dataReceived(b"PROXY TCP6 ::ffff:192.0.2.7 ::1 4001 80\r\n")  # the same client, IPv4-mapped
@@ -471,7 +546,9 @@ def test_the_per_peer_limit_counts_the_client_the_proxy_header_names(records):
     close(b)
     c.dataReceived(b"PROXY TCP4 192.0.2.8 127.0.0.1 4000 80\r\n")
     assert not cWire.disconnecting and connections.perPeer == {"192.0.2.7": 1, "192.0.2.8": 1}
-    assert [(r["reason"], r["detail"], r["peer"]) for r in records()] == [("limit", "max per peer", "192.0.2.7:4001")]
+    assert [(r["reason"], r["detail"], r["peer"]) for r in records()] == [
+        ("limit", "max per peer", "192.0.2.7:4001")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -494,7 +571,10 @@ def test_network_keys(address, prefixes, key):
 def test_one_ipv6_client_walking_its_64_is_one_peer(records):
     clock = MemoryReactorClock()
     connections = Connections(clock, maxPerPeer=20, idleTimeout=0)
-    wires = [open_(connections, clock, peer=IPv6Address("TCP", f"2001:db8:0:1::{i:x}", 1))[1] for i in range(1, 151)]
+    wires = [
+        open_(connections, clock, peer=IPv6Address("TCP", f"2001:db8:0:1::{i:x}", 1))[1]
+        for i in range(1, 151)
+    ]
     assert sum(not w.disconnecting for w in wires) == 20
     other = open_(connections, clock, peer=IPv6Address("TCP", "2001:db8:0:2::1", 1))[1]
     assert not other.disconnecting

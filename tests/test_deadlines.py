@@ -13,7 +13,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import WAIT, openMany, startServer
 
 
@@ -88,12 +87,17 @@ def test_silent_connections_waiting_for_a_proxy_header_are_held_to_the_limit_and
             time.sleep(0.2)
         assert len(records) + sum(counts.values()) == 2000
         assert set(counts) == {"max connections", "proxy header timeout"}
-        timedOut = counts["proxy header timeout"] + sum(": proxy header timeout after " in r for r in records)
+        timedOut = counts["proxy header timeout"] + sum(
+            ": proxy header timeout after " in r for r in records
+        )
         refused = counts["max connections"] + sum(": limit after " in r for r in records)
         assert (timedOut, refused) == (100, 1900)  # held to the limit, all closed by the deadline
         assert all("(no PROXY header within 2 s)" in r for r in records if "timeout" in r)
         # Once they are gone, a client with a header is served.
-        assert served(port, b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nhello\n", halfClose=True) == b"hello\n"
+        assert (
+            served(port, b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nhello\n", halfClose=True)
+            == b"hello\n"
+        )
     finally:
         for s in sockets:
             s.close()
@@ -102,7 +106,14 @@ def test_silent_connections_waiting_for_a_proxy_header_are_held_to_the_limit_and
 
 
 def test_a_thousand_trickling_clients_are_closed_by_the_line_deadline_while_others_are_served():
-    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1:backlog=2048", "--line-timeout", "3", "--idle-timeout", "30")
+    server = startServer(
+        "--listen",
+        "upper@tcp:0:interface=127.0.0.1:backlog=2048",
+        "--line-timeout",
+        "3",
+        "--idle-timeout",
+        "30",
+    )
     sockets: list[socket.socket] = []
     try:
         port = server.service("upper").port
@@ -124,7 +135,10 @@ def test_a_thousand_trickling_clients_are_closed_by_the_line_deadline_while_othe
             if time.monotonic() - started > 3 + 2:
                 break
         assert closedByServer(sockets, time.monotonic() + WAIT) == 1000
-        server.waitFor(r"upper tcp 127\.0\.0\.1:\d+ -> .*: line timeout after \d+\.\d+ s, \d+ bytes in, 0 bytes out \(no complete line within 3 s\)$", count=1000)
+        server.waitFor(
+            r"upper tcp 127\.0\.0\.1:\d+ -> .*: line timeout after \d+\.\d+ s, \d+ bytes in, 0 bytes out \(no complete line within 3 s\)$",
+            count=1000,
+        )
         print(f"slowest legitimate exchange among the tricklers: {ends * 1000:.0f} ms")
     finally:
         for s in sockets:

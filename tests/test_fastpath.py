@@ -279,7 +279,11 @@ def test_a_close_with_nothing_buffered_ends_the_same_pass_after_the_reply(reacto
     reactor.doPoll(0)
     assert protocol.closedInside is False
     assert len(protocol.lost) == 1 and protocol.lost[0].check(ConnectionDone)
-    assert reader.fileno() == -1 and reader not in reactor.getWriters() and reader not in reactor.getReaders()
+    assert (
+        reader.fileno() == -1
+        and reader not in reactor.getWriters()
+        and reader not in reactor.getReaders()
+    )
     assert drain(peer) == b"REPLY\n"  # the reply, then end of stream: an orderly close
     peer.close()
 
@@ -364,6 +368,8 @@ def test_a_failing_close_is_logged_and_the_others_still_close(reactor):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert len(first.lost) == 1 and len(second.lost) == 1
-    assert [e["failure"].value.args for e in events if e.get("isError")] == [("boom in connectionLost",)]
+    assert [e["failure"].value.args for e in events if e.get("isError")] == [
+        ("boom in connectionLost",)
+    ]
     p1.close()
     p2.close()

@@ -12,11 +12,11 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_proxy import v2
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 
-from test_proxy import v2
 from twistsock._format import splitEndpoint, splitHostTarget
 from twistsock.connection import ConnectionFactory, TransportInfo
 from twistsock.listen import parseListen
@@ -29,7 +29,9 @@ HOST = IPv4Address("TCP", "127.0.0.1", 5000)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Bytes that matter to the parsers turn up often: line endings, PROXY signatures.
-interesting = st.sampled_from([b"\n", b"\r", b"\r\n", b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n", b"TCP4 ", b" ", b"\x00", b"\xff"])
+interesting = st.sampled_from(
+    [b"\n", b"\r", b"\r\n", b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n", b"TCP4 ", b" ", b"\x00", b"\xff"]
+)
 payload = st.lists(st.one_of(st.binary(max_size=40), interesting), max_size=12).map(b"".join)
 
 
@@ -51,7 +53,9 @@ def chunked(draw, data_strategy=payload):
 
 
 def serve(name: str, pieces: list[bytes], config: ServiceConfig, halfClose: bool):
-    protocol = ConnectionFactory(ServiceFactory(name, config), TransportInfo("tcp")).buildProtocol(PEER)
+    protocol = ConnectionFactory(ServiceFactory(name, config), TransportInfo("tcp")).buildProtocol(
+        PEER
+    )
     transport = StringTransport(hostAddress=HOST, peerAddress=PEER)
     protocol.makeConnection(transport)
     for piece in pieces:
@@ -67,7 +71,9 @@ def tooLong(limit: int) -> bytes:
     return b"error: line longer than %d bytes\n" % limit
 
 
-def modelLines(data: bytes, limit: int, reply, keepOpen: bool, halfClose: bool) -> tuple[bytes, bool]:
+def modelLines(
+    data: bytes, limit: int, reply, keepOpen: bool, halfClose: bool
+) -> tuple[bytes, bool]:
     """What a line service sends and whether it closes, from the specification."""
     out = b""
     while True:
@@ -105,8 +111,12 @@ def test_echo_sends_back_exactly_what_came(case, halfClose):
 @given(chunked(), st.integers(0, 30), st.booleans(), st.booleans())
 def test_upper_answers_as_specified(case, limit, keepOpen, halfClose):
     data, pieces = case
-    sent, closed = serve("upper", pieces, ServiceConfig(maxLine=limit, keepOpen=keepOpen), halfClose)
-    assert (sent, closed) == modelLines(data, limit, lambda line: line.upper() + b"\n", keepOpen, halfClose)
+    sent, closed = serve(
+        "upper", pieces, ServiceConfig(maxLine=limit, keepOpen=keepOpen), halfClose
+    )
+    assert (sent, closed) == modelLines(
+        data, limit, lambda line: line.upper() + b"\n", keepOpen, halfClose
+    )
 
 
 @FUZZ
@@ -142,16 +152,25 @@ class Collect(Protocol):
 
 
 octet = st.integers(0, 255)
-address = st.tuples(st.tuples(octet, octet, octet, octet).map(lambda o: ".".join(map(str, o))), st.integers(1, 65535))
+address = st.tuples(
+    st.tuples(octet, octet, octet, octet).map(lambda o: ".".join(map(str, o))),
+    st.integers(1, 65535),
+)
 
 
 @st.composite
 def headers(draw) -> tuple[bytes, str, int]:
     source, destination = draw(address), draw(address)
     if draw(st.booleans()):
-        header = f"PROXY TCP4 {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
+        header = (
+            f"PROXY TCP4 {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
+        )
     else:
-        body = socket.inet_aton(source[0]) + socket.inet_aton(destination[0]) + struct.pack("!HH", source[1], destination[1])
+        body = (
+            socket.inet_aton(source[0])
+            + socket.inet_aton(destination[0])
+            + struct.pack("!HH", source[1], destination[1])
+        )
         header = v2(body=body)
     return header, source[0], source[1]
 
@@ -215,9 +234,16 @@ def test_garbage_instead_of_a_header_is_refused_or_waited_for_never_passed_on(ca
 
 
 @FUZZ
-@given(st.sampled_from(sorted(DATAGRAM_SERVICES)), st.binary(max_size=300), st.integers(1, 65535), st.booleans())
+@given(
+    st.sampled_from(sorted(DATAGRAM_SERVICES)),
+    st.binary(max_size=300),
+    st.integers(1, 65535),
+    st.booleans(),
+)
 def test_every_datagram_service_answers_or_drops_and_never_raises(name, data, port, truncated):
-    server = DatagramServer(name, DATAGRAM_SERVICES[name], DatagramPolicy(rate=0), clock=lambda: 0.0)
+    server = DatagramServer(
+        name, DATAGRAM_SERVICES[name], DatagramPolicy(rate=0), clock=lambda: 0.0
+    )
     reply = server.handle(data, "192.0.2.7", port, truncated)
     assert reply is None or len(reply) <= max(len(data), 1) * server.policy.amplification
     if name == "echo" and reply is not None:
@@ -240,7 +266,11 @@ def test_any_listen_argument_parses_or_is_a_value_error(text):
 
 
 @FUZZ
-@given(st.lists(st.text(alphabet=st.sampled_from(list("ab:\\=[]")), max_size=8), min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from(list("ab:\\=[]")), max_size=8), min_size=1, max_size=6
+    )
+)
 def test_endpoint_fields_survive_escaping_and_splitting(fields):
     escaped = ":".join(f.replace("\\", "\\\\").replace(":", "\\:") for f in fields)
     assert splitEndpoint(escaped) == fields

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import BIN, WAIT, freePort, requireTool, startServer, twistsock
+
 from twistsock import certs
 
 CLIENT = "127.0.0.5"
@@ -33,7 +33,10 @@ def stack(material, tmp_path_factory):
         "echo": ("echo@proxy:tcp:0:interface=127.0.0.1", "send-proxy-v2"),
         "sink": ("sink@proxy:tcp:0:interface=127.0.0.1", "send-proxy-v2"),
         "tls": (f"echo@proxy:ssl:0:privateKey={m.server}:interface=127.0.0.1", "send-proxy"),
-        "mtls": (f"ack@proxy:mtls:0:privateKey={m.server}:clientCA={m.ca}:interface=127.0.0.1", "send-proxy"),
+        "mtls": (
+            f"ack@proxy:mtls:0:privateKey={m.server}:clientCA={m.ca}:interface=127.0.0.1",
+            "send-proxy",
+        ),
     }
     args = [a for listen, _ in backends.values() for a in ("--listen", listen)]
     server = startServer(*args)
@@ -44,11 +47,15 @@ def stack(material, tmp_path_factory):
     fronts = {key: freePort() for key in backends}
     config = "global\n    maxconn 512\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
     for key, (_, proxy) in backends.items():
-        config += f"\nfrontend fe_{key}\n    bind 127.0.0.1:{fronts[key]}\n    default_backend be_{key}\n"
+        config += (
+            f"\nfrontend fe_{key}\n    bind 127.0.0.1:{fronts[key]}\n    default_backend be_{key}\n"
+        )
         config += f"\nbackend be_{key}\n    server s1 127.0.0.1:{ports[key]} {proxy}\n"
     path = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
     path.write_text(config)
-    process = subprocess.Popen([haproxy, "-f", str(path), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [haproxy, "-f", str(path), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         for port in fronts.values():
             waitForPort(port, process)
@@ -86,7 +93,10 @@ def test_plain_tcp_with_proxy_v2_logs_the_real_client(stack):
     result = twistsock("echo", via(fronts["echo"]), "through haproxy")
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"Received: through haproxy\n"
-    server.waitFor(r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: .*15 bytes in, 15 bytes out$" % fronts["echo"])
+    server.waitFor(
+        r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: .*15 bytes in, 15 bytes out$"
+        % fronts["echo"]
+    )
 
 
 def test_sink_sees_the_real_client(stack):
@@ -97,26 +107,45 @@ def test_sink_sees_the_real_client(stack):
 
 def test_tls_pass_through_with_proxy_v1(stack):
     fronts, server, m = stack
-    result = twistsock("echo", via(fronts["tls"], "tls", "localhost"), "--ca", str(m.ca), "--size", str(1 << 20))
+    result = twistsock(
+        "echo", via(fronts["tls"], "tls", "localhost"), "--ca", str(m.ca), "--size", str(1 << 20)
+    )
     assert result.returncode == 0, result.stderr
     server.waitFor(r"echo proxy\+tls 127\.0\.0\.5:\d+ -> .*1048576 bytes in, 1048576 bytes out$")
 
 
 def test_mutual_tls_pass_through_logs_client_and_certificate(stack):
     fronts, server, m = stack
-    result = twistsock("ack", via(fronts["mtls"], "tls", "localhost"), "--ca", str(m.ca), "--cert", str(m.client), "mtls behind haproxy")
+    result = twistsock(
+        "ack",
+        via(fronts["mtls"], "tls", "localhost"),
+        "--ca",
+        str(m.ca),
+        "--cert",
+        str(m.client),
+        "mtls behind haproxy",
+    )
     assert result.stdout == b"I got your message\n", result.stderr
     server.waitFor(r"\] 127\.0\.0\.5:\d+ Here is the message: mtls behind haproxy$")
-    server.waitFor(r"ack proxy\+mtls 127\.0\.0\.5:\d+ -> .*, client certificate CN=twistsock client$")
+    server.waitFor(
+        r"ack proxy\+mtls 127\.0\.0\.5:\d+ -> .*, client certificate CN=twistsock client$"
+    )
 
 
 @pytest.mark.parametrize("endpoint", ["haproxy:tcp:0", "upper@haproxy:ssl:0:privateKey=server.pem"])
 def test_twisteds_haproxy_wrapper_is_refused_with_a_pointer_to_proxy(endpoint):
     """Twisted's haproxy: loses an echo reply after the client half-closes (see the README)."""
-    result = subprocess.run([str(BIN / "twist"), "sockets", "--listen", endpoint], capture_output=True, timeout=WAIT, text=True)
+    result = subprocess.run(
+        [str(BIN / "twist"), "sockets", "--listen", endpoint],
+        capture_output=True,
+        timeout=WAIT,
+        text=True,
+    )
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
-    assert "haproxy: is not served" in line and f"use proxy:{endpoint.split('haproxy:', 1)[1]}" in line
+    assert (
+        "haproxy: is not served" in line and f"use proxy:{endpoint.split('haproxy:', 1)[1]}" in line
+    )
 
 
 def test_half_close_passes_through_haproxy_and_proxy(stack):
@@ -144,7 +173,11 @@ def test_half_close_passes_through_haproxy_and_proxy(stack):
 
 def test_a_proxy_port_refuses_a_client_without_a_header(stack):
     _, server, _ = stack
-    port = next(e.port for e in server.listening if e.endpoint.startswith("proxy:tcp") and e.service == "echo")
+    port = next(
+        e.port
+        for e in server.listening
+        if e.endpoint.startswith("proxy:tcp") and e.service == "echo"
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
         me = s.getsockname()[1]
         s.sendall(b"PROXY TCP4 6.6.6.6 127.0.0.1 1 2 3\r\nspoofed")
@@ -152,8 +185,12 @@ def test_a_proxy_port_refuses_a_client_without_a_header(stack):
             assert s.recv(100) == b""
         except ConnectionResetError:
             pass
-    (line,) = server.waitFor(rf"echo proxy 127\.0\.0\.1:{me} -> .*: proxy header invalid after .*\(malformed v1 header, first bytes: PROXY TCP4 6\.6\.6\.6")
-    assert not [l for l in server.lines if " proxy 6.6.6.6:" in l]  # the spoofed client is never taken for the peer
+    (line,) = server.waitFor(
+        rf"echo proxy 127\.0\.0\.1:{me} -> .*: proxy header invalid after .*\(malformed v1 header, first bytes: PROXY TCP4 6\.6\.6\.6"
+    )
+    assert not [
+        l for l in server.lines if " proxy 6.6.6.6:" in l
+    ]  # the spoofed client is never taken for the peer
 
 
 def test_sslyze_through_haproxy_finds_proxy_tls_endpoints_compliant(stack):
@@ -161,7 +198,17 @@ def test_sslyze_through_haproxy_finds_proxy_tls_endpoints_compliant(stack):
     from test_tls_peers import sslyze
 
     fronts, server, m = stack
-    result = sslyze("--mozilla_config=intermediate", f"--certinfo_ca_file={m.ca}", f"localhost:{fronts['tls']}{{127.0.0.1}}")
+    result = sslyze(
+        "--mozilla_config=intermediate",
+        f"--certinfo_ca_file={m.ca}",
+        f"localhost:{fronts['tls']}{{127.0.0.1}}",
+    )
     assert result.returncode == 0 and "OK - Compliant." in result.stdout, result.stdout
-    result = sslyze("--mozilla_config=intermediate", f"--certinfo_ca_file={m.ca}", f"--cert={m.client}", f"--key={m.client}", f"localhost:{fronts['mtls']}{{127.0.0.1}}")
+    result = sslyze(
+        "--mozilla_config=intermediate",
+        f"--certinfo_ca_file={m.ca}",
+        f"--cert={m.client}",
+        f"--key={m.client}",
+        f"localhost:{fronts['mtls']}{{127.0.0.1}}",
+    )
     assert result.returncode == 0 and "OK - Compliant." in result.stdout, result.stdout

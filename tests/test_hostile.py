@@ -18,7 +18,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import TWIST, WAIT, freePort, runTwist, startServer, twistsock
 
 ECHO = "echo@tcp:0:interface=127.0.0.1:backlog=4096"
@@ -31,13 +30,17 @@ def moreFiles():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 5000
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.fail(f"the hard open-file limit ({hard}) is below {wanted}: this test needs a machine that allows it")
+        pytest.fail(
+            f"the hard open-file limit ({hard}) is below {wanted}: this test needs a machine that allows it"
+        )
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def exchangeAll(sockets: list[socket.socket], payloads: list[bytes], deadline: float) -> list[bytes]:
+def exchangeAll(
+    sockets: list[socket.socket], payloads: list[bytes], deadline: float
+) -> list[bytes]:
     """Send each socket its payload and read as many bytes back, all at once, with one selector."""
     selector = selectors.DefaultSelector()
     received = [bytearray() for _ in sockets]
@@ -93,7 +96,9 @@ def test_2000_concurrent_connections_echo_every_byte(moreFiles):
         payloads = [os.urandom(16384) for _ in sockets]
         before = server.rss()
         received = exchangeAll(sockets, payloads, time.monotonic() + 120)
-        print(f"\n2000 connections held: server RSS {before >> 20} MiB before the echo, {server.rss() >> 20} MiB after")
+        print(
+            f"\n2000 connections held: server RSS {before >> 20} MiB before the echo, {server.rss() >> 20} MiB after"
+        )
         wrong = sum(1 for got, want in zip(received, payloads) if got != want)
         assert wrong == 0, f"{wrong} of 2000 connections did not get their 16 KiB back"
         for s in sockets:
@@ -136,7 +141,9 @@ def test_out_of_file_descriptors_refuses_logs_once_serves_the_rest_and_recovers(
         for s in served:
             s.close()
         summary = server.waitFor(r"taking connections on tcp:0\S* \(echo\) again")
-        print(f"\nopen-file limit 64: {len(served)} of 100 connections served, {refused} refused; {summary[0].split('] ', 1)[1]}")
+        print(
+            f"\nopen-file limit 64: {len(served)} of 100 connections served, {refused} refused; {summary[0].split('] ', 1)[1]}"
+        )
         assert f"{refused} refused" in summary[0]
         # Recovered: a new connection is served.
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
@@ -152,7 +159,15 @@ def test_out_of_file_descriptors_refuses_logs_once_serves_the_rest_and_recovers(
 
 
 def test_a_byte_at_a_time_is_not_idle_but_the_line_limit_and_then_the_idle_timeout_apply():
-    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1", "--keep-open", "--max-line", "6", "--idle-timeout", "1.5")
+    server = startServer(
+        "--listen",
+        "upper@tcp:0:interface=127.0.0.1",
+        "--keep-open",
+        "--max-line",
+        "6",
+        "--idle-timeout",
+        "1.5",
+    )
     try:
         port = server.service("upper").port
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
@@ -190,7 +205,9 @@ def test_a_reset_mid_transfer_is_one_record_and_the_server_carries_on():
         s.close()  # RST, with most of the echo unread
         # "error (...)" when the reset is read; Twisted's epoll reactor reports a reset that comes with
         # nothing left to read (EPOLLHUP) as a clean close, so "peer closed" is possible too.
-        records = server.waitFor(r"echo tcp 127\.0\.0\.1:\d+ -> .*: (error|peer closed) after .* bytes in")
+        records = server.waitFor(
+            r"echo tcp 127\.0\.0\.1:\d+ -> .*: (error|peer closed) after .* bytes in"
+        )
         assert len(records) == 1
         result = twistsock("echo", server.service("echo").target, "after the reset")
         assert result.returncode == 0 and result.stdout == b"Received: after the reset\n"
@@ -220,7 +237,9 @@ def test_a_client_killed_mid_echo_leaves_the_server_serving():
     server = startServer("--listen", ECHO)
     try:
         port = server.service("echo").port
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port)], stdout=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(port)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert client.stdout.readline() == "echoing\n"
         finally:
@@ -255,7 +274,9 @@ def test_a_server_killed_with_sigkill_restarts_at_once_on_the_same_unix_path_and
         try:
             for target in (f"tcp:127.0.0.1:{port}", f"unix:path={path}"):
                 result = twistsock("echo", target, "again")
-                assert result.returncode == 0 and result.stdout == b"Received: again\n", result.stderr
+                assert result.returncode == 0 and result.stdout == b"Received: again\n", (
+                    result.stderr
+                )
         finally:
             second.stop()
     finally:
@@ -298,12 +319,18 @@ def keyOnly(tmp_path_factory):
         ("mtls:0:privateKey={dir}/server.pem:clientCA={missing}", "bad endpoint"),
     ],
 )
-def test_bad_configuration_is_one_line_and_status_1_before_anything_listens(listen, detail, keyOnly):
+def test_bad_configuration_is_one_line_and_status_1_before_anything_listens(
+    listen, detail, keyOnly
+):
     port = freePort()
     listen = listen.format(dir=keyOnly, missing=keyOnly / "nosuch.pem")
-    result = runTwist("--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen, command=TEXT)
+    result = runTwist(
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen, command=TEXT
+    )
     assert result.returncode == 1, result
-    assert result.stderr.startswith("twistsock: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("twistsock: error: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
     assert detail in result.stderr
     assert "listening on" not in result.stdout and "Traceback" not in result.stdout + result.stderr
 
@@ -347,7 +374,9 @@ def test_a_proxy_port_refuses_a_connection_without_a_header_and_trusts_one_with_
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(b"hello, no header here\r\n")
             assert closedByServer(s)
-        server.waitFor(r"echo proxy 127\.0\.0\.1:\d+ -> .*: proxy header invalid after .*, 23 bytes in, 0 bytes out \(no PROXY signature, first bytes: hello, no header here\\r\\n\)$")
+        server.waitFor(
+            r"echo proxy 127\.0\.0\.1:\d+ -> .*: proxy header invalid after .*, 23 bytes in, 0 bytes out \(no PROXY signature, first bytes: hello, no header here\\r\\n\)$"
+        )
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(PROXY_V1 + b"hello")
             assert s.recv(100) == b"hello"
@@ -392,7 +421,7 @@ def askUntilAnswered(port: int, source: str, tries: int = 20) -> bool:
                     data = s.recv(100)
                     if data.startswith(b"legit"):
                         return True
-            except socket.timeout:
+            except TimeoutError:
                 continue
     return False
 
@@ -401,7 +430,16 @@ def askUntilAnswered(port: int, source: str, tries: int = 20) -> bool:
 def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sources):
     import threading
 
-    server = startServer("--listen", "echo@udp:0:interface=127.0.0.1", "--udp-rate", "10", "--udp-burst", "20", "--udp-summary-interval", "0")
+    server = startServer(
+        "--listen",
+        "echo@udp:0:interface=127.0.0.1",
+        "--udp-rate",
+        "10",
+        "--udp-burst",
+        "20",
+        "--udp-summary-interval",
+        "0",
+    )
     try:
         port = server.service("echo").port
         addresses = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(sources)]
@@ -417,8 +455,12 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
         elapsed = time.monotonic() - started
         after = server.rss()
         assert answered, "a legitimate client got no answer during the flood"
-        print(f"\nUDP flood from {sources} source(s): server RSS {before >> 10} KiB before 100,000 datagrams, {after >> 10} KiB after")
-        assert after - before < 8 << 20, f"memory grew by {(after - before) >> 10} KiB over 100,000 datagrams"
+        print(
+            f"\nUDP flood from {sources} source(s): server RSS {before >> 10} KiB before 100,000 datagrams, {after >> 10} KiB after"
+        )
+        assert after - before < 8 << 20, (
+            f"memory grew by {(after - before) >> 10} KiB over 100,000 datagrams"
+        )
     finally:
         server.stop()
     log = "\n".join(line for line in server.lines if "udp" in line and " from " in line)
@@ -426,6 +468,8 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
     answeredFlood = sum(int(n) for n in re.findall(r"(\d+) answered", flooders))
     limited = sum(int(n) for n in re.findall(r"(\d+) rate limited", flooders))
     # Each source gets its burst of 20, then 10 a second; everything else it sent is refused.
-    print(f"flooders: {answeredFlood} answered, {limited} rate limited in {elapsed:.1f} s (the rest dropped by the kernel)")
+    print(
+        f"flooders: {answeredFlood} answered, {limited} rate limited in {elapsed:.1f} s (the rest dropped by the kernel)"
+    )
     assert 0 < answeredFlood <= sources * (20 + 10 * (elapsed + 1))
     assert limited > answeredFlood

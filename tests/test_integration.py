@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import TWIST, TWISTD, WAIT, freePort, runTwist, startServer, twistsock
 
 SERVICES = ("echo", "upper", "sink", "ack")
@@ -35,13 +34,22 @@ def listenArgs(transport: str, tmp) -> list[str]:
 
 
 @pytest.fixture(
-    params=[("tcp", "default"), ("tcp6", "default"), ("unix", "default"), ("tcp", "twistsock"), ("unix", "twistsock")],
+    params=[
+        ("tcp", "default"),
+        ("tcp6", "default"),
+        ("unix", "default"),
+        ("tcp", "twistsock"),
+        ("unix", "twistsock"),
+    ],
     ids=lambda p: "-".join(p),
 )
 def server(request, short_tmp):
     """One `twist sockets` serving all four services on one kind of transport, on Twisted's reactor and on twistsock's."""
     transport, reactor = request.param
-    server = startServer(*listenArgs(transport, short_tmp), command=(TWIST, f"--reactor={reactor}", "--log-format=text"))
+    server = startServer(
+        *listenArgs(transport, short_tmp),
+        command=(TWIST, f"--reactor={reactor}", "--log-format=text"),
+    )
     server.transport = transport
     yield server
     assert server.stop() == -15 or server.process.returncode in (0, 143), server.lines
@@ -98,7 +106,10 @@ def test_seed_000_send_reads_stdin(server):
 
 def test_seed_001_echo_250_bytes(server):
     for target in targets(server, "echo"):
-        assert ok(twistsock("echo", *target, "--size", "250")) == b"Received: 250 bytes, identical to those sent\n"
+        assert (
+            ok(twistsock("echo", *target, "--size", "250"))
+            == b"Received: 250 bytes, identical to those sent\n"
+        )
 
 
 def test_seed_004_echo_message(server):
@@ -107,7 +118,10 @@ def test_seed_004_echo_message(server):
 
 
 def test_echo_5_mib_byte_exact(server):
-    assert ok(twistsock("echo", server.service("echo").target, "--size", str(5 << 20))) == b"Received: 5242880 bytes, identical to those sent\n"
+    assert (
+        ok(twistsock("echo", server.service("echo").target, "--size", str(5 << 20)))
+        == b"Received: 5242880 bytes, identical to those sent\n"
+    )
 
 
 def test_echo_binary_from_stdin_streams_the_echo_to_stdout(server):
@@ -118,12 +132,17 @@ def test_echo_binary_from_stdin_streams_the_echo_to_stdout(server):
 def test_seed_002_upper(server):
     for target in targets(server, "upper"):
         assert ok(twistsock("upper", *target, "hello, world")) == b"FROM SERVER: HELLO, WORLD\n"
-    assert ok(twistsock("upper", server.service("upper").target, input=b"from stdin\n")) == b"FROM SERVER: FROM STDIN\n"
+    assert (
+        ok(twistsock("upper", server.service("upper").target, input=b"from stdin\n"))
+        == b"FROM SERVER: FROM STDIN\n"
+    )
 
 
 def test_seed_003_ack(server):
     for target in targets(server, "ack"):
-        assert ok(twistsock("ack", *target, input=b"Hello from seed 003\n")) == b"I got your message\n"
+        assert (
+            ok(twistsock("ack", *target, input=b"Hello from seed 003\n")) == b"I got your message\n"
+        )
     server.waitFor(r"Here is the message: Hello from seed 003$", count=len(targets(server, "ack")))
 
 
@@ -131,7 +150,13 @@ def test_seed_003_ack_prompts_on_a_terminal(server):
     """The prompt appears only when standard input is a terminal."""
     master, slave = pty.openpty()
     try:
-        process = subprocess.Popen(["twistsock", "ack", server.service("ack").target], executable=twistsockPath(), stdin=slave, stdout=slave, stderr=slave)
+        process = subprocess.Popen(
+            ["twistsock", "ack", server.service("ack").target],
+            executable=twistsockPath(),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+        )
         os.close(slave)
         seen = readUntil(master, b"Please enter the message: ")
         os.write(master, b"typed by hand\n")
@@ -141,7 +166,9 @@ def test_seed_003_ack_prompts_on_a_terminal(server):
         os.close(master)
     assert seen.startswith(b"Please enter the message: ")
     server.waitFor(r"Here is the message: typed by hand$")
-    assert b"Please enter" not in ok(twistsock("ack", server.service("ack").target, input=b"piped\n"))
+    assert b"Please enter" not in ok(
+        twistsock("ack", server.service("ack").target, input=b"piped\n")
+    )
 
 
 def twistsockPath() -> str:
@@ -168,14 +195,24 @@ def test_client_errors_are_one_line_with_documented_statuses(server):
     cases = [
         (["echo", "nosuch.invalid", "5000", "x"], 2, b"nosuch.invalid port 5000: unknown host"),
         (["echo", "127.0.0.1", str(freePort()), "x"], 3, b"connection refused"),
-        (["echo", "--timeout", "0.5", server.service("sink").target, "x"], 4, b"timed out after 0.5 s"),
+        (
+            ["echo", "--timeout", "0.5", server.service("sink").target, "x"],
+            4,
+            b"timed out after 0.5 s",
+        ),
         # upper answers, but not with what was sent.
         (["echo", server.service("upper").target], 5, b"echo mismatch at byte 0 of 4"),
         (["echo", "nosuch:1", "x"], 64, b"give HOST and PORT as two words"),
         (["echo", "nosuch:x:1", "x"], 64, b"bad target"),
     ]
     if server.transport == "unix":
-        cases.append((["echo", "unix:path=/nonexistent/echo.sock", "x"], 3, b"connection refused: No such file or directory"))
+        cases.append(
+            (
+                ["echo", "unix:path=/nonexistent/echo.sock", "x"],
+                3,
+                b"connection refused: No such file or directory",
+            )
+        )
     for argv, status, message in cases:
         result = twistsock(*argv, input=b"abc\n")
         assert result.returncode == status, (argv, result.stderr)
@@ -187,9 +224,16 @@ def test_client_errors_are_one_line_with_documented_statuses(server):
 
 
 def test_interrupt_ends_the_client_with_status_130(server):
-    process = subprocess.Popen([twistsockPath(), "echo", server.service("sink").target, "waiting"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [twistsockPath(), "echo", server.service("sink").target, "waiting"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        server.waitFor(r"-->waiting$")  # connected and sent: now waiting for an echo that never comes
+        server.waitFor(
+            r"-->waiting$"
+        )  # connected and sent: now waiting for an echo that never comes
         process.send_signal(signal.SIGINT)
         assert process.wait(WAIT) == 130
     finally:
@@ -320,16 +364,27 @@ def test_port_in_use_is_one_line_and_status_1():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = runTwist("--listen", "tcp:0:interface=127.0.0.1", "--listen", f"upper@tcp:{port}:interface=127.0.0.1")
+        result = runTwist(
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--listen",
+            f"upper@tcp:{port}:interface=127.0.0.1",
+        )
     assert result.returncode == 1
-    assert result.stderr == f"twistsock: error: cannot listen on tcp:{port}:interface=127.0.0.1 (upper): Address already in use\n"
+    assert (
+        result.stderr
+        == f"twistsock: error: cannot listen on tcp:{port}:interface=127.0.0.1 (upper): Address already in use\n"
+    )
     assert "Traceback" not in result.stdout
 
 
 def test_unix_path_in_missing_directory_is_one_line_and_status_1():
     result = runTwist("--listen", "sink@unix:/nonexistent/dir/s.sock")
     assert result.returncode == 1
-    assert result.stderr == "twistsock: error: cannot listen on unix:/nonexistent/dir/s.sock (sink): No such file or directory\n"
+    assert (
+        result.stderr
+        == "twistsock: error: cannot listen on unix:/nonexistent/dir/s.sock (sink): No such file or directory\n"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
@@ -338,13 +393,32 @@ def test_privileged_port_not_permitted_is_one_line_and_status_1():
         if int(f.read()) <= 80:
             pytest.skip("port 80 is not privileged on this host")
     result = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", TWIST, "sockets", "--listen", "tcp:80:interface=127.0.0.1"],
-        capture_output=True, text=True, timeout=WAIT, cwd="/", stdin=subprocess.DEVNULL,
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            TWIST,
+            "sockets",
+            "--listen",
+            "tcp:80:interface=127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
     )
-    if "Unknown command: sockets" in result.stdout + result.stderr or "ermission denied: '" in result.stderr:
+    if (
+        "Unknown command: sockets" in result.stdout + result.stderr
+        or "ermission denied: '" in result.stderr
+    ):
         pytest.skip("the unprivileged user cannot read this installation")
     assert result.returncode == 1, result
-    assert result.stderr == "twistsock: error: cannot listen on tcp:80:interface=127.0.0.1 (echo): Permission denied\n"
+    assert (
+        result.stderr
+        == "twistsock: error: cannot listen on tcp:80:interface=127.0.0.1 (echo): Permission denied\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -360,7 +434,9 @@ def test_malformed_listen_is_one_line_and_status_1_before_listening(listen, mess
     port = freePort()
     result = runTwist("--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", listen)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"twistsock: error: {message}") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith(f"twistsock: error: {message}") and result.stderr.count("\n") == 1
+    )
     assert "listening on" not in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
@@ -374,16 +450,26 @@ def test_default_is_echo_on_port_5000():
             pytest.skip("port 5000 is in use on this host")
     server = startServer()
     try:
-        assert [(e.service, e.address, e.endpoint) for e in server.listening] == [("echo", "0.0.0.0:5000", "tcp:5000")]
+        assert [(e.service, e.address, e.endpoint) for e in server.listening] == [
+            ("echo", "0.0.0.0:5000", "tcp:5000")
+        ]
         ok(twistsock("echo", "127.0.0.1", "5000", "default"))
     finally:
         server.stop()
 
 
 def test_twistd_runs_it_too(short_tmp):
-    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1", command=(TWISTD, "-n", "--pidfile="), cwd=short_tmp)
+    server = startServer(
+        "--listen",
+        "upper@tcp:0:interface=127.0.0.1",
+        command=(TWISTD, "-n", "--pidfile="),
+        cwd=short_tmp,
+    )
     try:
-        assert ok(twistsock("upper", server.service("upper").target, "twistd")) == b"FROM SERVER: TWISTD\n"
+        assert (
+            ok(twistsock("upper", server.service("upper").target, "twistd"))
+            == b"FROM SERVER: TWISTD\n"
+        )
     finally:
         server.stop()
 
@@ -397,8 +483,15 @@ def test_sigterm_ends_twist_and_closes_the_unix_socket(short_tmp):
 
 
 def test_any_reactor_works_because_nothing_imports_it_early():
-    server = startServer("--listen", "tcp:0:interface=127.0.0.1", command=(TWIST, "--log-format=text", "--reactor=asyncio"))
+    server = startServer(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        command=(TWIST, "--log-format=text", "--reactor=asyncio"),
+    )
     try:
-        assert ok(twistsock("echo", server.service("echo").target, "asyncio")) == b"Received: asyncio\n"
+        assert (
+            ok(twistsock("echo", server.service("echo").target, "asyncio"))
+            == b"Received: asyncio\n"
+        )
     finally:
         server.stop()

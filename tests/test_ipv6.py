@@ -21,12 +21,16 @@ def test_one_tcp6_port_serves_ipv4_and_ipv6_and_logs_plain_ipv4():
         server.stop()
     assert re.search(r"\] 127\.0\.0\.1:\d+ -->over IPv4$", v4), v4
     assert re.search(r"\] \[::1\]:\d+ -->over IPv6$", v6), v6
-    assert any(re.search(r"sink tcp6 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+:", r) for r in records), records
+    assert any(re.search(r"sink tcp6 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+:", r) for r in records), (
+        records
+    )
     assert "::ffff:" not in "\n".join(server.lines)
 
 
 def test_ipv4_only_and_ipv6_only_endpoints():
-    server = startServer("--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", "upper@tcp6:0:interface=\\:\\:1")
+    server = startServer(
+        "--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", "upper@tcp6:0:interface=\\:\\:1"
+    )
     try:
         v4, v6 = server.service("echo").port, server.service("upper").port
         assert twistsock("echo", "127.0.0.1", str(v4), "x").returncode == 0

@@ -55,13 +55,18 @@ def test_options_default_is_echo_on_5000():
 
 def test_options_repeatable_listen_and_settings():
     options = Options()
-    options.parseOptions(["--listen", "tcp:0", "--listen=upper@tcp:0", "--keep-open", "--max-line", "100"])
+    options.parseOptions(
+        ["--listen", "tcp:0", "--listen=upper@tcp:0", "--keep-open", "--max-line", "100"]
+    )
     assert options["listen"] == [ListenSpec("echo", "tcp:0"), ListenSpec("upper", "tcp:0")]
     assert options["keep-open"]
     assert options["max-line"] == 100
 
 
-@pytest.mark.parametrize("argv", [["--listen", "nosuch@tcp:0"], ["--listen", "tcp:x"], ["--max-line", "0"], ["--max-line", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--listen", "nosuch@tcp:0"], ["--listen", "tcp:x"], ["--max-line", "0"], ["--max-line", "x"]],
+)
 def test_options_errors_are_one_line_and_status_1(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         Options().parseOptions(argv)
@@ -72,7 +77,9 @@ def test_options_errors_are_one_line_and_status_1(argv, capsys):
 
 def test_make_service_one_child_per_listen():
     options = Options()
-    options.parseOptions(["--listen", "tcp:0", "--listen", "sink@unix:/tmp/x.sock", "--max-line", "10"])
+    options.parseOptions(
+        ["--listen", "tcp:0", "--listen", "sink@unix:/tmp/x.sock", "--max-line", "10"]
+    )
     root = makeService(options)
     children = list(root)
     assert [str(c.spec) for c in children] == ["echo@tcp:0", "sink@unix:/tmp/x.sock"]
@@ -104,7 +111,12 @@ class FakePort:
 
 
 def listening(result, failures=None):
-    return ListeningService(ListenSpec("echo", "tcp:0"), FakeEndpoint(result), ServiceFactory("echo"), (failures if failures is not None else []).append)
+    return ListeningService(
+        ListenSpec("echo", "tcp:0"),
+        FakeEndpoint(result),
+        ServiceFactory("echo"),
+        (failures if failures is not None else []).append,
+    )
 
 
 def test_listening_service_logs_real_address_and_stops():
@@ -127,7 +139,9 @@ def test_listening_service_logs_real_address_and_stops():
 def test_listening_service_synchronous_failure_raises_one_line():
     error = CannotListenError("", 5000, OSError(98, "Address already in use"))
     service = listening(defer.fail(error))
-    with pytest.raises(ListenFailed, match=r"^cannot listen on tcp:0 \(echo\): Address already in use$"):
+    with pytest.raises(
+        ListenFailed, match=r"^cannot listen on tcp:0 \(echo\): Address already in use$"
+    ):
         service.privilegedStartService()
 
 
@@ -145,12 +159,17 @@ def test_sockets_service_closes_the_others_and_exits_1(capsys):
     first = FakePort()
     root = SocketsService(MemoryReactorClock())
     listening(defer.succeed(first)).setServiceParent(root)
-    listening(defer.fail(CannotListenError("", 1, OSError(98, "Address already in use")))).setServiceParent(root)
+    listening(
+        defer.fail(CannotListenError("", 1, OSError(98, "Address already in use")))
+    ).setServiceParent(root)
     with pytest.raises(SystemExit) as exited:
         root.startService()
     assert exited.value.code == 1
     assert first.stopped
-    assert capsys.readouterr().err == "twistsock: error: cannot listen on tcp:0 (echo): Address already in use\n"
+    assert (
+        capsys.readouterr().err
+        == "twistsock: error: cannot listen on tcp:0 (echo): Address already in use\n"
+    )
 
 
 def test_sockets_service_logs_ready_once_the_reactor_turns():
@@ -186,7 +205,16 @@ def test_twisteds_haproxy_and_a_double_proxy_are_refused_in_any_case(text, hint)
         parseListen(text)
 
 
-@pytest.mark.parametrize("option", ["--idle-timeout", "--line-timeout", "--proxy-header-timeout", "--drain-timeout", "--tls-handshake-timeout"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--idle-timeout",
+        "--line-timeout",
+        "--proxy-header-timeout",
+        "--drain-timeout",
+        "--tls-handshake-timeout",
+    ],
+)
 @pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-inf"])
 def test_timeouts_must_be_finite(option, value):
     from twistsock.tap import ConfigurationError, Options
@@ -209,7 +237,9 @@ def test_help_shows_no_internal_option():
 
     from conftest import TWIST, WAIT
 
-    shown = subprocess.run([TWIST, "sockets", "--help"], capture_output=True, text=True, timeout=WAIT).stdout
+    shown = subprocess.run(
+        [TWIST, "sockets", "--help"], capture_output=True, text=True, timeout=WAIT
+    ).stdout
     assert "--workers=" in shown and "--worker=" not in shown and "INDEX:FD" not in shown
 
 

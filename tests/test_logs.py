@@ -14,8 +14,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-
 from conftest import TWIST, WAIT, freePort, startServer, twistsock
+
 from twistsock.logs import LineObserver, LogOutput
 
 
@@ -38,7 +38,9 @@ def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_count
     r, w = os.pipe()
     stream = os.fdopen(w, "w")
     output = LogOutput(stream, limit=16384)
-    lines = [b"%05d %s\n" % (i, b"x" * 90) for i in range(5000)]  # 480 KiB: far more than pipe and buffer
+    lines = [
+        b"%05d %s\n" % (i, b"x" * 90) for i in range(5000)
+    ]  # 480 KiB: far more than pipe and buffer
     writeInThread(output, lines)
     assert output.dropped > 4000
     received = []
@@ -49,9 +51,13 @@ def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_count
     stream.close()
     reader.join(WAIT)
     text = received[0]
-    assert text.endswith(f"{output.dropped} log lines dropped: the log output did not keep up\nafter the reader came back\n".encode())
+    assert text.endswith(
+        f"{output.dropped} log lines dropped: the log output did not keep up\nafter the reader came back\n".encode()
+    )
     kept = [line for line in text.splitlines() if line[:5].isdigit()]
-    assert kept == [line.rstrip(b"\n") for line in lines[: len(kept)]], "what was kept is whole and in order"
+    assert kept == [line.rstrip(b"\n") for line in lines[: len(kept)]], (
+        "what was kept is whole and in order"
+    )
     assert len(kept) + output.dropped == 5000
 
 
@@ -100,10 +106,39 @@ def test_json_lines_are_flat_and_carry_the_fields():
             written.append(line)
 
     observer = LineObserver(Memory(), "json")  # type: ignore[arg-type]
-    observer({"log_format": "{record}", "record": "echo tcp a -> b: peer closed", "log_level": LogLevel.info, "log_namespace": "twistsock.connection.Connection", "log_time": 0.0, "bytes_in": 3, "detail": None, "log_logger": object(), "peer": "a"})
-    observer({"log_format": "{peer} -->{message}", "peer": "p", "message": "hi", "log_level": LogLevel.info, "log_namespace": "n", "log_time": 0.0})
+    observer(
+        {
+            "log_format": "{record}",
+            "record": "echo tcp a -> b: peer closed",
+            "log_level": LogLevel.info,
+            "log_namespace": "twistsock.connection.Connection",
+            "log_time": 0.0,
+            "bytes_in": 3,
+            "detail": None,
+            "log_logger": object(),
+            "peer": "a",
+        }
+    )
+    observer(
+        {
+            "log_format": "{peer} -->{message}",
+            "peer": "p",
+            "message": "hi",
+            "log_level": LogLevel.info,
+            "log_namespace": "n",
+            "log_time": 0.0,
+        }
+    )
     first, second = (json.loads(line) for line in written)
-    assert first == {"time": first["time"], "level": "info", "namespace": "twistsock.connection.Connection", "text": "echo tcp a -> b: peer closed", "bytes_in": 3, "detail": None, "peer": "a"}
+    assert first == {
+        "time": first["time"],
+        "level": "info",
+        "namespace": "twistsock.connection.Connection",
+        "text": "echo tcp a -> b: peer closed",
+        "bytes_in": 3,
+        "detail": None,
+        "peer": "a",
+    }
     assert second["text"] == "p -->hi" and second["message"] == "hi"
     assert all(line.endswith(b"}\n") and line.count(b"\n") == 1 for line in written)
 
@@ -137,8 +172,19 @@ def unreadLog(*args: str):
     """`twist sockets ARGS` serving upper, its log a pipe that nobody reads until the test does; yields (port, process)."""
     port = freePort()
     process = subprocess.Popen(
-        [TWIST, "--log-format=text", "sockets", "--log-buffer", "65536", *args, "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            TWIST,
+            "--log-format=text",
+            "sockets",
+            "--log-buffer",
+            "65536",
+            *args,
+            "--listen",
+            f"upper@tcp:{port}:interface=127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         waitForPort(port, process)
@@ -166,8 +212,20 @@ def test_a_server_whose_log_pipe_nobody_reads_serves_2000_connections_and_stops_
 def test_dropped_lines_are_counted_in_the_log_once_a_reader_returns_and_in_metrics():
     port, metrics = freePort(), freePort()
     process = subprocess.Popen(
-        [TWIST, "--log-format=text", "sockets", "--log-buffer", "65536", "--metrics", f"tcp:{metrics}:interface=127.0.0.1", "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            TWIST,
+            "--log-format=text",
+            "sockets",
+            "--log-buffer",
+            "65536",
+            "--metrics",
+            f"tcp:{metrics}:interface=127.0.0.1",
+            "--listen",
+            f"upper@tcp:{port}:interface=127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         waitForPort(port, process)
@@ -191,7 +249,11 @@ def test_dropped_lines_are_counted_in_the_log_once_a_reader_returns_and_in_metri
             process.wait()
         process.stdout.close()
     log = received[0].decode()
-    counts = [int(line.split("] ", 1)[1].split()[0]) for line in log.splitlines() if "log lines dropped" in line]
+    counts = [
+        int(line.split("] ", 1)[1].split()[0])
+        for line in log.splitlines()
+        if "log lines dropped" in line
+    ]
     assert counts and sum(counts) >= dropped
     assert log.rstrip().endswith("Main loop terminated."), "every line queued at exit is written"
 
@@ -200,17 +262,33 @@ def test_sighup_reopens_the_log_file_and_usr1_usr2_are_ignored(tmp_path):
     path = tmp_path / "twist.log"
     port = freePort()
     process = subprocess.Popen(
-        [TWIST, "--log-format=json", f"--log-file={path}", "sockets", "--listen", f"upper@tcp:{port}:interface=127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            TWIST,
+            "--log-format=json",
+            f"--log-file={path}",
+            "sockets",
+            "--listen",
+            f"upper@tcp:{port}:interface=127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     try:
         waitForPort(port, process)
         assert upperOnce(port, b"before") == b"BEFORE\n"
         path.rename(tmp_path / "twist.log.1")  # logrotate
-        for number, logged in ((signal.SIGHUP, [b"SIGHUP"]), (signal.SIGUSR1, [b"SIGUSR1"]), (signal.SIGUSR2, [b"SIGUSR2"])):
+        for number, logged in (
+            (signal.SIGHUP, [b"SIGHUP"]),
+            (signal.SIGUSR1, [b"SIGUSR1"]),
+            (signal.SIGUSR2, [b"SIGUSR2"]),
+        ):
             process.send_signal(number)  # one at a time: the kernel does not keep their order
             deadline = time.monotonic() + WAIT
-            while not (path.exists() and all(t in path.read_bytes() for t in logged)) and time.monotonic() < deadline:
+            while (
+                not (path.exists() and all(t in path.read_bytes() for t in logged))
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.05)
         assert upperOnce(port, b"after") == b"AFTER\n"
         assert process.poll() is None
@@ -222,9 +300,17 @@ def test_sighup_reopens_the_log_file_and_usr1_usr2_are_ignored(tmp_path):
             process.wait()
     old = [json.loads(line) for line in (tmp_path / "twist.log.1").read_text().splitlines()]
     new = [json.loads(line) for line in path.read_text().splitlines()]
-    assert any(e.get("bytes_in") == 7 for e in old), "the record of the connection before the rotation"
-    assert [e["text"] for e in new[:3]] == ["SIGHUP: log file reopened", "SIGUSR1 ignored", "SIGUSR2 ignored"]
-    assert any(e.get("bytes_in") == 6 for e in new), "the record of the connection after the rotation"
+    assert any(e.get("bytes_in") == 7 for e in old), (
+        "the record of the connection before the rotation"
+    )
+    assert [e["text"] for e in new[:3]] == [
+        "SIGHUP: log file reopened",
+        "SIGUSR1 ignored",
+        "SIGUSR2 ignored",
+    ]
+    assert any(e.get("bytes_in") == 6 for e in new), (
+        "the record of the connection after the rotation"
+    )
 
 
 def test_every_json_record_parses_and_carries_the_documented_fields():
@@ -237,7 +323,23 @@ def test_every_json_record_parses_and_carries_the_documented_fields():
     finally:
         server.stop()
     records = [e for e in server.events if e["namespace"] == "twistsock.connection.Connection"]
-    fields = {"time", "level", "namespace", "text", "service", "transport", "local", "peer", "reason", "detail", "duration", "bytes_in", "bytes_out", "tls_client_subject", "worker"}
+    fields = {
+        "time",
+        "level",
+        "namespace",
+        "text",
+        "service",
+        "transport",
+        "local",
+        "peer",
+        "reason",
+        "detail",
+        "duration",
+        "bytes_in",
+        "bytes_out",
+        "tls_client_subject",
+        "worker",
+    }
     assert len(records) == 3 and all(set(r) == fields for r in records)
     assert all(not k.startswith("log_") for e in server.events for k in e)
 
@@ -258,7 +360,9 @@ def test_sink_logs_a_bounded_amount_per_connection(serve):
     assert len(messages) == 100
     left = int(summary.split("more messages (")[1].split(" bytes")[0])
     assert 0 < left < 10 << 20
-    assert logged < 160 * 1024, logged  # the README's bound: 100 lines of at most 1 KiB, and a few more
+    assert logged < 160 * 1024, (
+        logged
+    )  # the README's bound: 100 lines of at most 1 KiB, and a few more
 
 
 def test_refused_connections_are_one_record_and_one_summary_per_burst(serve):
@@ -279,8 +383,14 @@ def test_refused_connections_are_one_record_and_one_summary_per_burst(serve):
 
 
 def test_twist_sockets_runs_on_the_twistsock_reactor_unless_told_otherwise(serve):
-    assert serve("--listen", "tcp:0:interface=127.0.0.1").waitFor(r"\] ready: 1 listening \(TwistsockReactor\)$")
-    chosen = serve("--listen", "tcp:0:interface=127.0.0.1", command=(TWIST, "--log-format=text", "--reactor=poll"))
+    assert serve("--listen", "tcp:0:interface=127.0.0.1").waitFor(
+        r"\] ready: 1 listening \(TwistsockReactor\)$"
+    )
+    chosen = serve(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        command=(TWIST, "--log-format=text", "--reactor=poll"),
+    )
     assert chosen.waitFor(r"\] ready: 1 listening \(PollReactor\)$")
 
 
@@ -309,7 +419,16 @@ def test_a_line_never_exceeds_one_write_whatever_the_message():
 
     for format in ("json", "text"):
         observer = LineObserver(Memory(), format)  # type: ignore[arg-type]
-        observer({"log_format": "{peer} -->{message}", "peer": "p", "message": "\\xff" * 1024 + "\x1b" * 1024, "log_level": LogLevel.info, "log_namespace": "n", "log_time": 0.0})
+        observer(
+            {
+                "log_format": "{peer} -->{message}",
+                "peer": "p",
+                "message": "\\xff" * 1024 + "\x1b" * 1024,
+                "log_level": LogLevel.info,
+                "log_namespace": "n",
+                "log_time": 0.0,
+            }
+        )
     assert all(len(line) <= 4096 and line.count(b"\n") == 1 for line in written)
     assert json.loads(written[0])["text"].endswith("more characters]")
 
@@ -349,9 +468,18 @@ def test_numeric_options_name_themselves_and_log_buffer_is_bounded():
     from conftest import runTwist
 
     for args, message in (
-        (("--log-buffer", "abc"), "twistsock: error: --log-buffer: 'abc' is not a whole number (twist sockets --help lists the options)\n"),
-        (("--max-connections", "x"), "twistsock: error: --max-connections: 'x' is not a whole number (twist sockets --help lists the options)\n"),
-        (("--log-buffer", str(2 << 30)), "twistsock: error: --log-buffer must be from 4096 to 1073741824 (1 GiB) (twist sockets --help lists the options)\n"),
+        (
+            ("--log-buffer", "abc"),
+            "twistsock: error: --log-buffer: 'abc' is not a whole number (twist sockets --help lists the options)\n",
+        ),
+        (
+            ("--max-connections", "x"),
+            "twistsock: error: --max-connections: 'x' is not a whole number (twist sockets --help lists the options)\n",
+        ),
+        (
+            ("--log-buffer", str(2 << 30)),
+            "twistsock: error: --log-buffer must be from 4096 to 1073741824 (1 GiB) (twist sockets --help lists the options)\n",
+        ),
     ):
         result = runTwist(*args)
         assert (result.returncode, result.stderr) == (1, message)

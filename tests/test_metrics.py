@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-
 from conftest import WAIT, freePort, requireTool, startServer
 
 BODY = 50 << 20  # bytes a client offers to send
@@ -96,7 +95,9 @@ def metricsServer():
     port = freePort()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(tmp))
-        server = startServer("--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1")
+        server = startServer(
+            "--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
+        )
     try:
         yield server, port, tmp
     finally:
@@ -120,7 +121,9 @@ def test_a_50_MiB_post_is_refused_without_reading_its_body(metricsServer):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        sent, response = offer(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BODY)
+        sent, response = offer(
+            port, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BODY
+        )
     finally:
         uploading.clear()
         watcher.join(WAIT)
@@ -135,14 +138,25 @@ def test_a_50_MiB_post_is_refused_without_reading_its_body(metricsServer):
 
 def test_get_with_a_body_is_413_and_closed(metricsServer):
     server, port, tmp = metricsServer
-    sent, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BODY)
+    sent, response = offer(
+        port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BODY
+    )
     assert statusOf(response) == 413 and sent < BODY // 2, response
-    sent, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"10000\r\n")
+    sent, response = offer(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"10000\r\n",
+    )
     assert statusOf(response) == 413 and sent < BODY // 2, response
     # A body so small it is all sent is refused the same (the bound is 0 bytes).
-    sent, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", size=0)
+    sent, response = offer(
+        port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", size=0
+    )
     assert statusOf(response) == 413
-    _, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", size=0)
+    _, response = offer(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        size=0,
+    )
     assert statusOf(response) == 200 and b"twistsock_metrics_connections_refused_total" in response
     # http.client sends a generator chunked.
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
@@ -161,9 +175,23 @@ def test_curl_posts_50_MiB_and_gets_405_then_gets_the_exposition(metricsServer):
     curl = requireTool("curl")
     server, port, tmp = metricsServer
     url = f"http://127.0.0.1:{port}/metrics"
-    for extra in ([], ["-H", "Expect:"]):  # with and without 100-continue; from a pipe curl sends chunked
+    for extra in (
+        [],
+        ["-H", "Expect:"],
+    ):  # with and without 100-continue; from a pipe curl sends chunked
         process = subprocess.Popen(
-            [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-", *extra, url],
+            [
+                curl,
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--data-binary",
+                "@-",
+                *extra,
+                url,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -193,25 +221,50 @@ def test_curl_posts_50_MiB_and_gets_405_then_gets_the_exposition(metricsServer):
             except BrokenPipeError:
                 pass
         assert (process.returncode, out, err) == (0, b"405", b"")
-    result = subprocess.run([curl, "-sS", "-X", "GET", "--data-binary", "body", url, "-o", "/dev/null", "-w", "%{http_code}"], capture_output=True, timeout=WAIT)
+    result = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "-X",
+            "GET",
+            "--data-binary",
+            "body",
+            url,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ],
+        capture_output=True,
+        timeout=WAIT,
+    )
     assert result.stdout == b"413"
     result = subprocess.run([curl, "-sS", "--fail", url], capture_output=True, timeout=WAIT)
-    assert result.returncode == 0 and b"twistsock_metrics_connections_refused_total 0.0" in result.stdout
+    assert (
+        result.returncode == 0
+        and b"twistsock_metrics_connections_refused_total 0.0" in result.stdout
+    )
     assert list(tmp.iterdir()) == []
 
 
 def test_headers_are_bounded(metricsServer):
     server, port, tmp = metricsServer
-    _, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 9000 + b"\r\n\r\n", size=0)
+    _, response = offer(
+        port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 9000 + b"\r\n\r\n", size=0
+    )
     assert statusOf(response) == 431
-    _, response = offer(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 100_000, size=0)  # no end of line at all
+    _, response = offer(
+        port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 100_000, size=0
+    )  # no end of line at all
     assert statusOf(response) == 431
     _, response = offer(port, b"GET /" + b"m" * 9000 + b" HTTP/1.1\r\n\r\n", size=0)
     assert statusOf(response) == 414
     many = b"".join(b"X-%d: y\r\n" % i for i in range(65))
     _, response = offer(port, b"GET /metrics HTTP/1.1\r\n" + many + b"\r\n", size=0)
     assert statusOf(response) == 400
-    big = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 4000) for i in range(5))  # 20 KB in all: over 16 KiB
+    big = b"".join(
+        b"X-%d: %s\r\n" % (i, b"y" * 4000) for i in range(5)
+    )  # 20 KB in all: over 16 KiB
     _, response = offer(port, b"GET /metrics HTTP/1.1\r\n" + big + b"\r\n", size=0)
     assert statusOf(response) == 400
     assert get(port)[0] == 200
@@ -243,7 +296,9 @@ def ask(s: socket.socket, path: str) -> tuple[int, str]:
 
 def test_the_65th_metrics_connection_is_closed_at_once_and_counted():
     port = freePort()
-    server = startServer("--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1")
+    server = startServer(
+        "--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
+    )
     held: list[socket.socket] = []
     try:
         for _ in range(64):
@@ -294,7 +349,10 @@ async def test_a_silent_or_trickling_client_is_closed_at_the_deadline():
     port = listening.getHost().port
 
     def clients() -> tuple[bytes, bool, int, str]:
-        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as silent, socket.create_connection(("127.0.0.1", port), timeout=WAIT) as trickler:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT) as silent,
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT) as trickler,
+        ):
             # A byte every 50 ms: each one comes well within the deadline, the request never does.
             request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 400
             closedByServer = False

@@ -12,7 +12,6 @@ import threading
 import urllib.error
 import urllib.request
 
-
 from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
 
 
@@ -29,7 +28,10 @@ def test_json_record_fields_and_byte_counts():
     finally:
         server.stop()
     (record,) = records(server)
-    assert {k: record[k] for k in ("service", "transport", "local", "reason", "detail", "bytes_in", "bytes_out")} == {
+    assert {
+        k: record[k]
+        for k in ("service", "transport", "local", "reason", "detail", "bytes_in", "bytes_out")
+    } == {
         "service": "echo",
         "transport": "tcp",
         "local": target.replace("tcp:", ""),
@@ -142,7 +144,9 @@ def test_sigterm_during_a_transfer_loses_no_bytes():
 
 
 def test_drain_deadline_closes_what_is_left_and_exits():
-    server = startServer("--drain-timeout", "1", "--idle-timeout", "0", "--listen", "echo@tcp:0:interface=127.0.0.1")
+    server = startServer(
+        "--drain-timeout", "1", "--idle-timeout", "0", "--listen", "echo@tcp:0:interface=127.0.0.1"
+    )
     s = connect(server)
     assert isOpen(s)
     server.process.send_signal(signal.SIGTERM)
@@ -151,7 +155,10 @@ def test_drain_deadline_closes_what_is_left_and_exits():
     finally:
         s.close()
     server.stop()
-    assert any(re.search(r": server shutdown after .*\(still open after the 1 s drain\)$", line) for line in server.lines)
+    assert any(
+        re.search(r": server shutdown after .*\(still open after the 1 s drain\)$", line)
+        for line in server.lines
+    )
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
@@ -177,15 +184,23 @@ def test_metrics_after_known_traffic(tmp_path):
     material = certs.generate(tmp_path)
     port = freePort()
     server = startServer(
-        "--metrics", f"tcp:{port}:interface=127.0.0.1",
-        "--max-per-peer", "1",
-        "--listen", "echo@tcp:0:interface=127.0.0.1",
-        "--listen", "upper@tcp:0:interface=127.0.0.1",
-        "--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1",
-        "--listen", "echo@udp:0:interface=127.0.0.1",
+        "--metrics",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--max-per-peer",
+        "1",
+        "--listen",
+        "echo@tcp:0:interface=127.0.0.1",
+        "--listen",
+        "upper@tcp:0:interface=127.0.0.1",
+        "--listen",
+        f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+        "--listen",
+        "echo@udp:0:interface=127.0.0.1",
     )
     try:
-        echo = next(e for e in server.listening if e.service == "echo" and e.endpoint.startswith("tcp:"))
+        echo = next(
+            e for e in server.listening if e.service == "echo" and e.endpoint.startswith("tcp:")
+        )
         tls = next(e for e in server.listening if e.endpoint.startswith("ssl:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
         for _ in range(3):
@@ -214,7 +229,10 @@ def test_metrics_after_known_traffic(tmp_path):
     assert metric(text, "twistsock_connections_total", service="echo", transport="tcp") == 4
     assert metric(text, "twistsock_connections_total", service="upper", transport="tcp") == 1
     assert metric(text, "twistsock_connections_active", service="echo", transport="tcp") == 1
-    assert metric(text, "twistsock_connections_refused_total", service="echo", reason="max per peer") == 1
+    assert (
+        metric(text, "twistsock_connections_refused_total", service="echo", reason="max per peer")
+        == 1
+    )
     assert metric(text, "twistsock_bytes_received_total", service="echo") == 3 * 10 + 1
     assert metric(text, "twistsock_bytes_sent_total", service="echo") == 3 * 10 + 1
     assert metric(text, "twistsock_bytes_received_total", service="upper") == 4
@@ -225,7 +243,14 @@ def test_metrics_after_known_traffic(tmp_path):
 
 def test_healthz_says_ok_then_draining():
     port = freePort()
-    server = startServer("--metrics", f"tcp:{port}:interface=127.0.0.1", "--drain-timeout", "20", "--listen", "echo@tcp:0:interface=127.0.0.1")
+    server = startServer(
+        "--metrics",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--drain-timeout",
+        "20",
+        "--listen",
+        "echo@tcp:0:interface=127.0.0.1",
+    )
     try:
         assert scrape(port, "/healthz") == (200, "ok\n")
         held = connect(server)
@@ -244,9 +269,25 @@ def test_metrics_endpoint_in_use_is_one_line_and_status_1():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        from conftest import TWIST
         import subprocess
 
-        result = subprocess.run([TWIST, "sockets", "--metrics", f"tcp:{busy}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"], capture_output=True, text=True, timeout=WAIT)
+        from conftest import TWIST
+
+        result = subprocess.run(
+            [
+                TWIST,
+                "sockets",
+                "--metrics",
+                f"tcp:{busy}:interface=127.0.0.1",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
     assert result.returncode == 1
-    assert result.stderr == f"twistsock: error: cannot listen on tcp:{busy}:interface=127.0.0.1 (metrics): Address already in use\n"
+    assert (
+        result.stderr
+        == f"twistsock: error: cannot listen on tcp:{busy}:interface=127.0.0.1 (metrics): Address already in use\n"
+    )

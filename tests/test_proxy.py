@@ -22,28 +22,51 @@ V1 = b"PROXY TCP4 192.0.2.10 127.0.0.1 51000 5000\r\n"
 
 def v2(command=0x21, family=0x11, body=None, tlv=b""):
     if body is None:
-        body = socket.inet_aton("192.0.2.10") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 51000, 5000)
+        body = (
+            socket.inet_aton("192.0.2.10")
+            + socket.inet_aton("127.0.0.1")
+            + struct.pack("!HH", 51000, 5000)
+        )
     body += tlv
     return V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
 
 
 def test_v1_tcp4():
-    assert parseHeader(V1 + b"rest") == (len(V1), IPv4Address("TCP", "192.0.2.10", 51000), IPv4Address("TCP", "127.0.0.1", 5000))
+    assert parseHeader(V1 + b"rest") == (
+        len(V1),
+        IPv4Address("TCP", "192.0.2.10", 51000),
+        IPv4Address("TCP", "127.0.0.1", 5000),
+    )
 
 
 def test_v1_tcp6_and_unknown():
     header = b"PROXY TCP6 2001:db8::1 ::1 51000 5000\r\n"
-    assert parseHeader(header) == (len(header), IPv6Address("TCP", "2001:db8::1", 51000), IPv6Address("TCP", "::1", 5000))
+    assert parseHeader(header) == (
+        len(header),
+        IPv6Address("TCP", "2001:db8::1", 51000),
+        IPv6Address("TCP", "::1", 5000),
+    )
     assert parseHeader(b"PROXY UNKNOWN\r\n") == (15, None, None)
     assert parseHeader(b"PROXY UNKNOWN ffff::1 ::1 1 2\r\n")[1:] == (None, None)
 
 
 def test_v2_inet_inet6_unix_local():
-    assert parseHeader(v2()) == (28, IPv4Address("TCP", "192.0.2.10", 51000), IPv4Address("TCP", "127.0.0.1", 5000))
-    body6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1") + socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!HH", 1, 2)
+    assert parseHeader(v2()) == (
+        28,
+        IPv4Address("TCP", "192.0.2.10", 51000),
+        IPv4Address("TCP", "127.0.0.1", 5000),
+    )
+    body6 = (
+        socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+        + socket.inet_pton(socket.AF_INET6, "::1")
+        + struct.pack("!HH", 1, 2)
+    )
     assert parseHeader(v2(family=0x21, body=body6))[1] == IPv6Address("TCP", "2001:db8::1", 1)
     bodyUnix = b"/tmp/client".ljust(108, b"\0") + b"/tmp/server".ljust(108, b"\0")
-    assert parseHeader(v2(family=0x31, body=bodyUnix))[1:] == (UNIXAddress(b"/tmp/client"), UNIXAddress(b"/tmp/server"))
+    assert parseHeader(v2(family=0x31, body=bodyUnix))[1:] == (
+        UNIXAddress(b"/tmp/client"),
+        UNIXAddress(b"/tmp/server"),
+    )
     # LOCAL (a health check from the proxy itself): the connection's own addresses.
     assert parseHeader(v2(command=0x20, family=0x00, body=b"")) == (16, None, None)
 
@@ -142,7 +165,9 @@ def test_no_header_is_refused_logged_once_and_never_reaches_the_service():
         globalLogPublisher.removeObserver(observer)
     assert wrapped.events == []
     assert transport.disconnecting
-    assert [formatEvent(e) for e in observer] == ["127.0.0.1:40000 refused: no PROXY signature (first bytes: GET / HTTP/1.0\\r\\n\\r\\n)"]
+    assert [formatEvent(e) for e in observer] == [
+        "127.0.0.1:40000 refused: no PROXY signature (first bytes: GET / HTTP/1.0\\r\\n\\r\\n)"
+    ]
 
 
 def test_half_close_passes_through_after_the_header():

@@ -30,7 +30,9 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
         f"    server a 127.0.0.1:{a.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
         f"    server b 127.0.0.1:{b.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
     )
-    proxy = subprocess.Popen([haproxy, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proxy = subprocess.Popen(
+        [haproxy, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     results = []
     try:
         waitForPort(front, proxy)

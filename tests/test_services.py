@@ -7,7 +7,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 
-from twistsock.services import ACK_REPLY, SERVICES, Ack, Echo, ServiceConfig, ServiceFactory, Sink, Upper
+from twistsock.services import (
+    ACK_REPLY,
+    SERVICES,
+    Ack,
+    Echo,
+    ServiceConfig,
+    ServiceFactory,
+    Sink,
+    Upper,
+)
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TWISTSOCK, WAIT, freePort, startServer, twistsock
 
-from conftest import BIN, TWISTSOCK, WAIT, freePort, startServer, twistsock
 from twistsock import certs
 
 #: Peak memory the client may use however much goes through it (the issue's bound).
@@ -33,7 +33,9 @@ def servers(material):
         "--listen", "echo@tcp:0:interface=127.0.0.1", "--listen", "upper@tcp:0:interface=127.0.0.1",
         "--listen", "sink@tcp:0:interface=127.0.0.1", "--listen", "sink@udp:0:interface=127.0.0.1",
     )  # fmt: skip
-    keepOpen = startServer("--keep-open", "--listen", "upper@tcp:0:interface=127.0.0.1", "--max-line", "100")
+    keepOpen = startServer(
+        "--keep-open", "--listen", "upper@tcp:0:interface=127.0.0.1", "--max-line", "100"
+    )
     tls = startServer(
         "--keep-open",
         "--listen", f"echo@ssl:0:privateKey={material.server}:interface=127.0.0.1",
@@ -46,11 +48,15 @@ def servers(material):
 
 
 def port(server, service: str, udp: bool = False) -> str:
-    (entry,) = [e for e in server.listening if e.service == service and e.endpoint.startswith("udp:") == udp]
+    (entry,) = [
+        e for e in server.listening if e.service == service and e.endpoint.startswith("udp:") == udp
+    ]
     return str(entry.port)
 
 
-def measured(*args: str, input: bytes | None = None, stdin=None) -> tuple[subprocess.CompletedProcess, int]:
+def measured(
+    *args: str, input: bytes | None = None, stdin=None
+) -> tuple[subprocess.CompletedProcess, int]:
     """
     Run the command in a Python that reports its own peak memory on standard
     error's last line: VmHWM, this process's own (getrusage's ru_maxrss would
@@ -62,7 +68,13 @@ def measured(*args: str, input: bytes | None = None, stdin=None) -> tuple[subpro
         "from twistsock.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, *args], input=input, stdin=stdin, capture_output=True, timeout=4 * WAIT)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        input=input,
+        stdin=stdin,
+        capture_output=True,
+        timeout=4 * WAIT,
+    )
     *rest, last = result.stderr.decode().splitlines()
     assert last.startswith("maxrss "), result.stderr
     result.stderr = "\n".join(rest).encode()
@@ -84,7 +96,13 @@ def test_200_MB_through_echo_in_bounded_memory_byte_for_byte(servers, tmp_path):
             "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
             + code
         )
-        result = subprocess.run([sys.executable, "-c", wrapper, "echo", "127.0.0.1", port(plain, "echo")], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=4 * WAIT)
+        result = subprocess.run(
+            [sys.executable, "-c", wrapper, "echo", "127.0.0.1", port(plain, "echo")],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=4 * WAIT,
+        )
     assert result.returncode == 0, result.stderr
     peak = int(result.stderr.decode().splitlines()[-1].split()[1]) * 1024
     assert copy.stat().st_size == 200 << 20
@@ -97,7 +115,14 @@ def test_200_MB_through_echo_in_bounded_memory_byte_for_byte(servers, tmp_path):
 def test_200_MB_of_lines_through_upper_in_bounded_memory():
     server = startServer("--keep-open", "--listen", "upper@tcp:0:interface=127.0.0.1")
     try:
-        feeder = subprocess.Popen([sys.executable, "-c", "import sys\nline = b'x' * 99 + b'\\n'\nfor _ in range(2_000_000): sys.stdout.buffer.write(line)"], stdout=subprocess.PIPE)
+        feeder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nline = b'x' * 99 + b'\\n'\nfor _ in range(2_000_000): sys.stdout.buffer.write(line)",
+            ],
+            stdout=subprocess.PIPE,
+        )
         result, peak = measured("upper", "127.0.0.1", port(server, "upper"), stdin=feeder.stdout)
         feeder.wait(WAIT)
     finally:
@@ -110,7 +135,10 @@ def test_200_MB_of_lines_through_upper_in_bounded_memory():
 def test_upper_sends_every_line_and_prints_every_reply(servers):
     _, keepOpen, _ = servers
     result = twistsock("upper", "127.0.0.1", port(keepOpen, "upper"), input=b"one\ntwo\r\nthree")
-    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: ONE\nFROM SERVER: TWO\nFROM SERVER: THREE\n"), result.stderr
+    assert (result.returncode, result.stdout) == (
+        0,
+        b"FROM SERVER: ONE\nFROM SERVER: TWO\nFROM SERVER: THREE\n",
+    ), result.stderr
 
 
 def test_upper_says_when_the_server_answers_one_line_per_connection(servers):
@@ -118,12 +146,17 @@ def test_upper_says_when_the_server_answers_one_line_per_connection(servers):
     result = twistsock("upper", "127.0.0.1", port(plain, "upper"), input=b"one\ntwo\nthree\n")
     assert result.returncode == 1
     assert result.stdout == b"FROM SERVER: ONE\n"
-    assert "answering 1 of 3 lines" in result.stderr.decode() and "--keep-open" in result.stderr.decode()
+    assert (
+        "answering 1 of 3 lines" in result.stderr.decode()
+        and "--keep-open" in result.stderr.decode()
+    )
 
 
 def test_an_error_reply_in_a_stream_exits_8(servers):
     _, keepOpen, _ = servers
-    result = twistsock("upper", "127.0.0.1", port(keepOpen, "upper"), input=b"short\n" + b"y" * 200 + b"\n")
+    result = twistsock(
+        "upper", "127.0.0.1", port(keepOpen, "upper"), input=b"short\n" + b"y" * 200 + b"\n"
+    )
     assert result.returncode == 8
     assert result.stdout == b"FROM SERVER: SHORT\n"
     assert "line longer than 100 bytes" in result.stderr.decode()
@@ -140,7 +173,12 @@ def test_raw_against_a_one_line_server_ends_when_it_closes(servers):
     reader, writer = os.pipe()  # an input that never ends: raw still ends when the server does
     try:
         os.write(writer, b"hi\n")
-        process = subprocess.run([TWISTSOCK, "raw", "127.0.0.1", port(plain, "upper")], stdin=reader, capture_output=True, timeout=WAIT)
+        process = subprocess.run(
+            [TWISTSOCK, "raw", "127.0.0.1", port(plain, "upper")],
+            stdin=reader,
+            capture_output=True,
+            timeout=WAIT,
+        )
     finally:
         os.close(reader)
         os.close(writer)
@@ -150,7 +188,12 @@ def test_raw_against_a_one_line_server_ends_when_it_closes(servers):
 def test_raw_is_interrupted_by_sigint_in_one_line(servers):
     plain, _, _ = servers
     reader, writer = os.pipe()
-    process = subprocess.Popen([TWISTSOCK, "raw", "127.0.0.1", port(plain, "echo")], stdin=reader, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [TWISTSOCK, "raw", "127.0.0.1", port(plain, "echo")],
+        stdin=reader,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         os.write(writer, b"ping\n")
         assert process.stdout.read(5) == b"ping\n"  # connected and echoing
@@ -168,7 +211,9 @@ def test_send_streams_and_waits_for_the_server_to_read_it_all(servers):
     data = b"".join(b"line %d\n" % i for i in range(5000))
     result = twistsock("send", "127.0.0.1", port(plain, "sink"), input=data)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
-    plain.waitFor(rf"sink tcp 127\.0\.0\.1:\d+ -> .*: peer closed after .*, {len(data)} bytes in, 0 bytes out$")
+    plain.waitFor(
+        rf"sink tcp 127\.0\.0\.1:\d+ -> .*: peer closed after .*, {len(data)} bytes in, 0 bytes out$"
+    )
 
 
 def test_a_reader_that_stops_reading_ends_the_client_quietly(servers):
@@ -181,26 +226,42 @@ def test_a_reader_that_stops_reading_ends_the_client_quietly(servers):
 def test_tls_streams_too(servers, material):
     _, _, tls = servers
     data = os.urandom(3 << 20)
-    result = twistsock("echo", f"tls:localhost:{port(tls, 'echo')}", "--ca", str(material.ca), input=data)
+    result = twistsock(
+        "echo", f"tls:localhost:{port(tls, 'echo')}", "--ca", str(material.ca), input=data
+    )
     assert (result.returncode, result.stdout == data) == (0, True), result.stderr
-    result = twistsock("upper", f"tls:localhost:{port(tls, 'upper')}", "--ca", str(material.ca), input=b"a\nb\n")
-    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: A\nFROM SERVER: B\n"), result.stderr
+    result = twistsock(
+        "upper", f"tls:localhost:{port(tls, 'upper')}", "--ca", str(material.ca), input=b"a\nb\n"
+    )
+    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: A\nFROM SERVER: B\n"), (
+        result.stderr
+    )
 
 
 @pytest.mark.parametrize("service", ["echo", "upper", "sink"])
 def test_a_plain_client_on_a_tls_port_is_told_to_use_tls(servers, service):
     _, _, tls = servers
-    result = twistsock("send" if service == "sink" else service, "127.0.0.1", port(tls, service), input=b"hello\n")
+    result = twistsock(
+        "send" if service == "sink" else service, "127.0.0.1", port(tls, service), input=b"hello\n"
+    )
     assert result.returncode in (1, 5, 7)
     (line,) = result.stderr.decode().splitlines()
     assert "tls:HOST:PORT" in line
 
 
-@pytest.mark.parametrize("service, args", [("echo", ["hello"]), ("upper", ["--timeout", "3", "hello"])])
+@pytest.mark.parametrize(
+    "service, args", [("echo", ["hello"]), ("upper", ["--timeout", "3", "hello"])]
+)
 def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(servers, material, service, args):
     plain, _, _ = servers
-    result = twistsock(service, f"tls:localhost:{port(plain, service)}", "--ca", str(material.ca), *args)
-    assert result.returncode in (1, 4, 7)  # lost, timed out or refused, depending on what the plain service did with the ClientHello
+    result = twistsock(
+        service, f"tls:localhost:{port(plain, service)}", "--ca", str(material.ca), *args
+    )
+    assert result.returncode in (
+        1,
+        4,
+        7,
+    )  # lost, timed out or refused, depending on what the plain service did with the ClientHello
     (line,) = result.stderr.decode().splitlines()
     assert "tcp:HOST:PORT" in line
 
@@ -258,18 +319,41 @@ def test_raw_ends_when_the_server_closes_as_socat_does(servers):
 def test_closed_standard_input_reads_as_empty(servers):
     plain, _, _ = servers
     for command in ("raw", "echo", "send"):
-        result = subprocess.run(["bash", "-c", f'{TWISTSOCK} {command} 127.0.0.1 {port(plain, "echo" if command != "send" else "sink")} <&-'], capture_output=True, timeout=WAIT)
+        result = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"{TWISTSOCK} {command} 127.0.0.1 {port(plain, 'echo' if command != 'send' else 'sink')} <&-",
+            ],
+            capture_output=True,
+            timeout=WAIT,
+        )
         assert (result.returncode, result.stderr) == (0, b""), (command, result.stderr)
 
 
 def test_send_fails_when_the_server_closes_before_reading_everything(servers):
     plain, _, _ = servers
-    result = twistsock("send", "127.0.0.1", port(plain, "upper"), input=b"x" * (5 << 20))  # upper closes after its limit
+    result = twistsock(
+        "send", "127.0.0.1", port(plain, "upper"), input=b"x" * (5 << 20)
+    )  # upper closes after its limit
     # Its error line (status 8), or, if the reset came first, the close (status 1): never success.
-    assert (result.returncode, result.returncode == 8 or "the server closed before it had read everything" in result.stderr.decode()) in ((8, True), (1, True))
+    assert (
+        result.returncode,
+        result.returncode == 8
+        or "the server closed before it had read everything" in result.stderr.decode(),
+    ) in ((8, True), (1, True))
 
 
-@pytest.mark.parametrize("command", [["upper", "hello world"], ["ack", "hello world"], ["echo", "hello world"], ["send", "hi"], ["upper", "hi"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["upper", "hello world"],
+        ["ack", "hello world"],
+        ["echo", "hello world"],
+        ["send", "hi"],
+        ["upper", "hi"],
+    ],
+)
 def test_a_message_to_a_tls_port_is_told_to_use_tls(servers, command):
     _, _, tls = servers
     service = {"send": "sink", "ack": "echo"}.get(command[0], command[0])
@@ -306,24 +390,58 @@ def waitListening(port: int) -> None:
 
 def test_the_tls_client_streams_to_openssl_s_server(material):
     """An independent TLS server: openssl s_server, reversing lines (-rev), and printing what it receives (-quiet)."""
-    from conftest import freePort, requireTool
+    from conftest import requireTool
 
     openssl = requireTool("openssl")
     port = freePort()
-    reverse = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(material.server), "-rev"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reverse = subprocess.Popen(
+        [
+            openssl,
+            "s_server",
+            "-accept",
+            f"127.0.0.1:{port}",
+            "-cert",
+            str(material.server),
+            "-rev",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         waitListening(port)  # (the probe is a connection of its own: no -naccept)
-        result = twistsock("raw", f"tls:localhost:{port}", "--ca", str(material.ca), input=b"hello\n")
+        result = twistsock(
+            "raw", f"tls:localhost:{port}", "--ca", str(material.ca), input=b"hello\n"
+        )
     finally:
         reverse.kill()
         reverse.wait()
     assert (result.returncode, result.stdout) == (0, b"olleh\n"), result.stderr
 
     port = freePort()
-    printer = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(material.server), "-quiet"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    printer = subprocess.Popen(
+        [
+            openssl,
+            "s_server",
+            "-accept",
+            f"127.0.0.1:{port}",
+            "-cert",
+            str(material.server),
+            "-quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         waitListening(port)
-        result = twistsock("send", f"tls:localhost:{port}", "--ca", str(material.ca), input=b"to openssl s_server\n")
+        result = twistsock(
+            "send",
+            f"tls:localhost:{port}",
+            "--ca",
+            str(material.ca),
+            input=b"to openssl s_server\n",
+        )
         received = printer.stdout.readline()
     finally:
         printer.kill()

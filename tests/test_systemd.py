@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import TWIST, WAIT, freePort, requireTool, spawn, twistsock
 
 UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
@@ -34,11 +33,23 @@ def stop(server) -> None:
 @pytest.mark.parametrize("selector", ["name=echo", "index=0"])
 def test_socket_activation(selector):
     port = freePort()
-    server = activated(port, "echo", [TWIST, "--log-format=text", "sockets", "--listen", f"upper@systemd:domain=INET:{selector}"])
+    server = activated(
+        port,
+        "echo",
+        [
+            TWIST,
+            "--log-format=text",
+            "sockets",
+            "--listen",
+            f"upper@systemd:domain=INET:{selector}",
+        ],
+    )
     try:
         result = twistsock("upper", "127.0.0.1", str(port), "socket activated")
         assert result.stdout == b"FROM SERVER: SOCKET ACTIVATED\n", (result.stderr, server.lines)
-        server.waitFor(rf"upper listening on 127\.0\.0\.1:{port} \(systemd:domain=INET:{selector}\)")
+        server.waitFor(
+            rf"upper listening on 127\.0\.0\.1:{port} \(systemd:domain=INET:{selector}\)"
+        )
         server.waitFor(r"upper tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:%d: service closed" % port)
     finally:
         stop(server)
@@ -46,7 +57,9 @@ def test_socket_activation(selector):
 
 def test_without_socket_names_the_error_says_what_is_missing():
     port = freePort()
-    server = activated(port, None, [TWIST, "sockets", "--listen", "echo@systemd:domain=INET:index=0"])
+    server = activated(
+        port, None, [TWIST, "sockets", "--listen", "echo@systemd:domain=INET:index=0"]
+    )
     try:
         twistsock("echo", "127.0.0.1", str(port), "x", "--timeout", "5")
         line = server.waitFor(r"twistsock: error: bad endpoint")[0]
@@ -72,12 +85,20 @@ def test_unit_files_pass_systemd_analyze(tmp_path):
         # The instances of the templates, and our own twist where the units say /opt/twistsock.
         target = tmp_path / path.name.replace("@.", "@echo.")
         target.write_text(path.read_text().replace("/opt/twistsock/bin/twist", TWIST))
-    result = subprocess.run([analyze, "verify", *sorted(str(p) for p in tmp_path.iterdir())], capture_output=True, text=True, timeout=WAIT, cwd=tmp_path)
+    result = subprocess.run(
+        [analyze, "verify", *sorted(str(p) for p in tmp_path.iterdir())],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
 
 
-def execStart(service: str, instance: str | None = None, environment: dict[str, str] | None = None) -> list[str]:
+def execStart(
+    service: str, instance: str | None = None, environment: dict[str, str] | None = None
+) -> list[str]:
     command = unit(service)["ExecStart"][0]
     if instance:
         command = command.replace("%i", instance)
@@ -101,7 +122,10 @@ def test_the_shipped_service_runs_under_socket_activation():
     server = activated(port, socket_["FileDescriptorName"][0], argv)
     try:
         result = twistsock("echo", "127.0.0.1", str(port), "from the unit's own command")
-        assert result.stdout == b"Received: from the unit's own command\n", (result.stderr, server.lines)
+        assert result.stdout == b"Received: from the unit's own command\n", (
+            result.stderr,
+            server.lines,
+        )
         server.waitFor(r"metrics listening on 127\.0\.0\.1:%d" % metrics)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(WAIT) in (-signal.SIGTERM, 128 + signal.SIGTERM)

@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import twistsock
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.testing import MemoryReactorClock
 
-from conftest import twistsock
 from twistsock import certs, client, tls
 from twistsock.listen import parseListen
 
@@ -31,15 +31,27 @@ def test_generate_writes_a_ca_a_server_and_a_client(tmp_path):
     clientCert.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["localhost", "example.test"]
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "192.0.2.1")]
-    assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert ExtendedKeyUsageOID.CLIENT_AUTH in clientCert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert names.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "192.0.2.1")
+    ]
+    assert (
+        ExtendedKeyUsageOID.SERVER_AUTH
+        in server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
+    assert (
+        ExtendedKeyUsageOID.CLIENT_AUTH
+        in clientCert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
     assert b"PRIVATE KEY" in made.server.read_bytes() and b"PRIVATE KEY" in made.client.read_bytes()
     assert b"PRIVATE KEY" not in made.ca.read_bytes(), "the CA's key is never written"
     assert stat.S_IMODE(made.server.stat().st_mode) == 0o600
     assert stat.S_IMODE(made.client.stat().st_mode) == 0o600
     assert stat.S_IMODE(made.ca.stat().st_mode) == 0o644
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["ca.pem", "client.pem", "server.pem"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "ca.pem",
+        "client.pem",
+        "server.pem",
+    ]
 
 
 def test_generate_never_overwrites_without_force(tmp_path):
@@ -65,9 +77,15 @@ def test_repository_never_commits_keys():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     for name in ("server.pem", "ca.pem", "client.pem", "server.key", "sni/server.pem"):
-        assert subprocess.run(["git", "check-ignore", "-q", f"certs/{name}"], cwd=ROOT).returncode == 0, name
-    assert subprocess.run(["git", "check-ignore", "-q", "certs/README.md"], cwd=ROOT).returncode == 1
-    tracked = subprocess.run(["git", "ls-files", "certs"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        assert (
+            subprocess.run(["git", "check-ignore", "-q", f"certs/{name}"], cwd=ROOT).returncode == 0
+        ), name
+    assert (
+        subprocess.run(["git", "check-ignore", "-q", "certs/README.md"], cwd=ROOT).returncode == 1
+    )
+    tracked = subprocess.run(
+        ["git", "ls-files", "certs"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert tracked == ["certs/README.md"]
 
 
@@ -101,7 +119,10 @@ def test_parse_tls_target(target, expected):
 def test_client_tls_endpoints_for_names_and_ipv6_literals(material):
     reactor = MemoryReactorClock()
     for target in ("tls:localhost:3443", "tls:[::1]:3443", "tls:\\:\\:1:3443"):
-        assert client.endpoint(target, ca=str(material.ca), cert=str(material.client), reactor=reactor) is not None
+        assert (
+            client.endpoint(target, ca=str(material.ca), cert=str(material.client), reactor=reactor)
+            is not None
+        )
 
 
 def test_twisted_own_tls_parser_fails_on_ipv6_literals():
@@ -130,10 +151,15 @@ def test_ca_or_cert_without_tls_is_refused(material):
 
 
 def test_mtls_endpoint_string(material):
-    assert parseListen(f"mtls:0:privateKey={material.server}:clientCA={material.ca}").endpoint.startswith("mtls:")
+    assert parseListen(
+        f"mtls:0:privateKey={material.server}:clientCA={material.ca}"
+    ).endpoint.startswith("mtls:")
     for bad, message in [
         (f"mtls:0:privateKey={material.server}", "needs privateKey=FILE and clientCA=FILE"),
-        (f"mtls:0:privateKey={material.server}:clientCA=/nonexistent.pem", "cannot read clientCA file"),
+        (
+            f"mtls:0:privateKey={material.server}:clientCA=/nonexistent.pem",
+            "cannot read clientCA file",
+        ),
         (f"mtls:0:privateKey={material.ca}:clientCA={material.ca}", "holds no private key"),
         (f"mtls:0:privateKey={material.server}:clientCA={material.ca}:nosuch=1", "bad endpoint"),
     ]:
@@ -141,7 +167,9 @@ def test_mtls_endpoint_string(material):
             parseListen(bad)
 
 
-def test_sni_directory_with_a_ca_root_loads_and_leaves_the_root_out_of_the_chain(material, tmp_path):
+def test_sni_directory_with_a_ca_root_loads_and_leaves_the_root_out_of_the_chain(
+    material, tmp_path
+):
     """Twisted 26's tls: loops for ever on a root without its key; ours skips roots when it builds chains."""
     from twistsock.tls import SNIDirectory
 
@@ -154,7 +182,6 @@ def test_sni_directory_with_a_ca_root_loads_and_leaves_the_root_out_of_the_chain
         parseListen(f"tls:{empty}:port=0")
     with pytest.raises(ValueError, match="not a directory"):
         parseListen(f"proxy:tls:{tmp_path / 'missing'}:port=0")
-
 
 
 def test_leaves_live_365_days_by_default_and_the_ca_outlives_them(tmp_path):
@@ -188,10 +215,31 @@ def test_certificate_names_are_host_names_in_ascii(name, expected):
 
 @pytest.mark.parametrize(
     "name",
-    ["a b", "user@example.com", "", " ", "-a.test", "a-.test", "a..test", "a" * 64 + ".test", "*", "a.*.test", "x_y.test", "\x1b[31m.test", "fe80::1%eth0", "127.1", "0x7f.1", "1.2.3", "2130706433", "xn--zz"],
+    [
+        "a b",
+        "user@example.com",
+        "",
+        " ",
+        "-a.test",
+        "a-.test",
+        "a..test",
+        "a" * 64 + ".test",
+        "*",
+        "a.*.test",
+        "x_y.test",
+        "\x1b[31m.test",
+        "fe80::1%eth0",
+        "127.1",
+        "0x7f.1",
+        "1.2.3",
+        "2130706433",
+        "xn--zz",
+    ],
 )
 def test_names_that_are_not_host_names_are_refused(name):
-    with pytest.raises(ValueError, match="is neither a host name|cannot name an address with a scope"):
+    with pytest.raises(
+        ValueError, match="is neither a host name|cannot name an address with a scope"
+    ):
         certs.hostName(name)
 
 
@@ -208,8 +256,14 @@ def test_certs_command_refuses_a_bad_name_in_one_line(tmp_path):
 @pytest.mark.parametrize(
     "endpoint, message",
     [
-        ("ssl:0:privateKey={m.server}:profile=old", "unknown TLS profile 'old' \\(known: intermediate, modern\\)"),
-        ("ssl:0:privateKey={m.server}:sslmethod=TLSv1_METHOD", "ssl: got an unexpected keyword argument 'sslmethod' \\(it takes port, privateKey"),
+        (
+            "ssl:0:privateKey={m.server}:profile=old",
+            "unknown TLS profile 'old' \\(known: intermediate, modern\\)",
+        ),
+        (
+            "ssl:0:privateKey={m.server}:sslmethod=TLSv1_METHOD",
+            "ssl: got an unexpected keyword argument 'sslmethod' \\(it takes port, privateKey",
+        ),
         ("tls:{m.sni}:port=0:profile=old", "unknown TLS profile"),
         ("mtls:0:privateKey={m.server}:clientCA={m.ca}:profile=", "unknown TLS profile ''"),
         ("ssl:0:privateKey={m.client}:certKey={m.server}", "is not the key of the certificate"),
@@ -253,7 +307,9 @@ def test_profiles_set_the_versions_and_the_suites_and_select_no_alpn(material, p
 
     server = SSL.Connection(tls.serverContext(tls.loadIdentity(str(material.server)), profile))
     ciphers = server.get_cipher_list()
-    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in ciphers and not [c for c in ciphers if "CBC" in c or "CCM" in c or c.endswith("-SHA")]
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in ciphers and not [
+        c for c in ciphers if "CBC" in c or "CCM" in c or c.endswith("-SHA")
+    ]
     server.set_accept_state()
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     context.set_max_proto_version(SSL.TLS1_2_VERSION)
@@ -262,7 +318,10 @@ def test_profiles_set_the_versions_and_the_suites_and_select_no_alpn(material, p
     client.set_connect_state()
     if tls12:
         handshake(server, client)
-        assert client.get_protocol_version_name() == "TLSv1.2" and client.get_alpn_proto_negotiated() == b""
+        assert (
+            client.get_protocol_version_name() == "TLSv1.2"
+            and client.get_alpn_proto_negotiated() == b""
+        )
     else:
         with pytest.raises(SSL.Error, match="unsupported protocol|protocol version"):
             handshake(server, client)
@@ -315,12 +374,16 @@ def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_pat
     now = [1000.0]
     sni = SNIDirectory(str(directory), clock=lambda: now[0])
     default = sni.default
-    (directory / "b.pem").write_bytes(certs.generate(tmp_path / "b", ["b.test"]).server.read_bytes())
+    (directory / "b.pem").write_bytes(
+        certs.generate(tmp_path / "b", ["b.test"]).server.read_bytes()
+    )
     first = _Handshaking(b"B.test.", default)
     sni._select(first)
     assert first.context is not default and sni.lookup("b.test") is first.context
 
-    (directory / "c.pem").write_bytes(certs.generate(tmp_path / "c", ["c.test"]).server.read_bytes())
+    (directory / "c.pem").write_bytes(
+        certs.generate(tmp_path / "c", ["c.test"]).server.read_bytes()
+    )
     now[0] += 4.9
     soon = _Handshaking(b"c.test", sni.default)
     sni._select(soon)
@@ -329,7 +392,9 @@ def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_pat
     sni._select(soon)
     assert sni.lookup("c.test") is soon.context is not sni.default
 
-    (directory / "d.pem").write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    (directory / "d.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n"
+    )
     now[0] += 10
     broken = _Handshaking(b"d.test", sni.default)
     sni._select(broken)  # a broken file is logged, the old mapping kept
@@ -345,7 +410,10 @@ def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
     reactor.running = True  # else names are resolved by twistsock's own endpoint
     for host in ("BÜCHER.example", "[::1]", "fe80::1%eth0"):
         assert client.endpoint((host, 1), reactor=reactor) is not None
-    assert client.endpoint(("BÜCHER.example", 1), reactor=reactor)._hostBytes == b"xn--bcher-kva.example"
+    assert (
+        client.endpoint(("BÜCHER.example", 1), reactor=reactor)._hostBytes
+        == b"xn--bcher-kva.example"
+    )
     with pytest.raises(ValueError, match="'2130706433' is neither a host name"):
         client.endpoint("tls:2130706433:3443", reactor=reactor)
 
@@ -355,14 +423,22 @@ def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
     [
         ("tls::port=0", "tls: needs the directory of its keys and certificates first"),
         ("ssl:0:privateKey={m.server}:interface=[::1]", "a ':' inside a value is written"),
-        ("ssl:0:privateKey={m.server}:extraCertChain={empty}", "certificate chain .* holds no PEM certificate"),
-        ("mtls:0:privateKey={m.server}:clientCA={m.client}", "holds CN=twistsock client, which is not a CA certificate"),
+        (
+            "ssl:0:privateKey={m.server}:extraCertChain={empty}",
+            "certificate chain .* holds no PEM certificate",
+        ),
+        (
+            "mtls:0:privateKey={m.server}:clientCA={m.client}",
+            "holds CN=twistsock client, which is not a CA certificate",
+        ),
         ("mtls:0:privateKey={m.server}:clientCA=", "mtls: clientCA= needs a file name"),
         ("ssl:0:privateKey={m.server}:certKey=", "ssl: certKey= needs a file name"),
         ("ssl:0:privateKey={m.server}:extraCertChain=", "ssl: extraCertChain= needs a file name"),
     ],
 )
-def test_tls_endpoint_mistakes_found_in_trials_are_one_clear_error(material, tmp_path, endpoint, message):
+def test_tls_endpoint_mistakes_found_in_trials_are_one_clear_error(
+    material, tmp_path, endpoint, message
+):
     empty = tmp_path / "empty.pem"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=message):
@@ -382,20 +458,38 @@ def test_a_chain_given_twice_is_sent_once(material, tmp_path):
 
 
 def test_certs_refuses_an_empty_directory_a_directory_in_the_way_and_a_dangling_link(tmp_path):
-    assert twistsock("certs", "").stderr == b"twistsock: the directory for the certificates must not be empty\n"
+    assert (
+        twistsock("certs", "").stderr
+        == b"twistsock: the directory for the certificates must not be empty\n"
+    )
     (tmp_path / "file").write_text("")
-    assert twistsock("certs", str(tmp_path / "file")).stderr == f"twistsock: {tmp_path / 'file'} is not a directory\n".encode()
+    assert (
+        twistsock("certs", str(tmp_path / "file")).stderr
+        == f"twistsock: {tmp_path / 'file'} is not a directory\n".encode()
+    )
     (tmp_path / "a" / "client.pem").mkdir(parents=True)
     result = twistsock("certs", str(tmp_path / "a"), "--force")
-    assert result.returncode == 1 and result.stderr == f"twistsock: {tmp_path / 'a' / 'client.pem'} is a directory\n".encode()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["client.pem"], "nothing written, nothing left behind"
+    assert (
+        result.returncode == 1
+        and result.stderr == f"twistsock: {tmp_path / 'a' / 'client.pem'} is a directory\n".encode()
+    )
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["client.pem"], (
+        "nothing written, nothing left behind"
+    )
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "ca.pem").symlink_to(tmp_path / "nowhere")
     assert twistsock("certs", str(tmp_path / "b")).returncode == 1
     assert (tmp_path / "b" / "ca.pem").is_symlink()
 
 
-@pytest.mark.parametrize("days, message", [("-1", b"must be from 1 to 365"), ("366", b"must be from 1 to 365"), ("abc", b"'abc' is not a whole number")])
+@pytest.mark.parametrize(
+    "days, message",
+    [
+        ("-1", b"must be from 1 to 365"),
+        ("366", b"must be from 1 to 365"),
+        ("abc", b"'abc' is not a whole number"),
+    ],
+)
 def test_certs_days_out_of_range_is_a_usage_error(tmp_path, days, message):
     result = twistsock("certs", str(tmp_path / "c"), "--days", days)
     assert result.returncode == 64 and message in result.stderr and result.stderr.count(b"\n") == 1

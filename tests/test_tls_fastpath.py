@@ -17,10 +17,10 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
 import twistsock._tlsdirect
 from twistsock import certs
+from twistsock._tlsdirect import DirectTLSProtocol, useDirectTLS
 from twistsock.connection import ConnectionFactory, transportOf
 from twistsock.listen import ListeningService, ListenSpec
 from twistsock.services import ServiceFactory
-from twistsock._tlsdirect import DirectTLSProtocol, useDirectTLS
 from twistsock.tls import privateCertificate
 
 
@@ -64,7 +64,9 @@ class Session:
     def __init__(self, material, app: App, protocol=DirectTLSProtocol) -> None:
         self.clock = Clock()
         options = privateCertificate(str(material.server)).options()
-        factory = TLSMemoryBIOFactory(options, False, Factory.forProtocol(lambda: app), clock=self.clock)
+        factory = TLSMemoryBIOFactory(
+            options, False, Factory.forProtocol(lambda: app), clock=self.clock
+        )
         factory.protocol = protocol
         self.server = factory.buildProtocol(None)
         self.transport = Writes()
@@ -146,7 +148,9 @@ def test_replies_written_while_delivering_leave_as_one_record_after_delivery(mat
     assert session.received() == b"one two three"
 
 
-@pytest.mark.parametrize("protocol, waits", [(DirectTLSProtocol, False), (BufferingTLSTransport, True)])
+@pytest.mark.parametrize(
+    "protocol, waits", [(DirectTLSProtocol, False), (BufferingTLSTransport, True)]
+)
 def test_a_write_outside_delivery_is_encrypted_and_handed_on_at_once(material, protocol, waits):
     # Twisted's default waits for the next reactor pass (clock.advance(0)): the control.
     session = Session(material, App(), protocol)
@@ -283,7 +287,9 @@ def test_every_tls_endpoint_gets_the_direct_protocol(material, ports, tmp_path, 
         "tls": f"tls:{key.parent}:port=0:interface=127.0.0.1",
     }[kind]
     if kind == "tls":
-        (key.parent / "ca.pem").rename(tmp_path / "ca.pem")  # Twisted's tls:DIR must not see the root
+        (key.parent / "ca.pem").rename(
+            tmp_path / "ca.pem"
+        )  # Twisted's tls:DIR must not see the root
     try:
         port = listen(endpoint, ports)
     finally:
@@ -309,7 +315,9 @@ def test_plain_ports_and_other_tls_protocols_are_left_alone(material, ports):
 def test_the_listening_service_uses_it(material):
     endpoint = f"ssl:0:interface=127.0.0.1:privateKey={material.server}"
     factory = ConnectionFactory(ServiceFactory("echo"), transportOf(endpoint))
-    service = ListeningService(ListenSpec("echo", endpoint), serverFromString(globalReactor, endpoint), factory, print)
+    service = ListeningService(
+        ListenSpec("echo", endpoint), serverFromString(globalReactor, endpoint), factory, print
+    )
     service.startService()
     try:
         assert tlsFactory(service.port).protocol is DirectTLSProtocol

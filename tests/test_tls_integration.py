@@ -15,8 +15,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import WAIT, requireTool, startServer, twistsock
+
 from twistsock import certs
 
 SERVICES = ("echo", "upper", "sink", "ack")
@@ -57,7 +57,11 @@ def server(material):
 
 def port(server, name, transport) -> int:
     kind = {"ssl": "ssl:", "tls": "tls:", "mtls": "mtls:"}[transport]
-    (entry,) = [e for e in server.listening if e.service == name and e.endpoint.startswith(kind) and "127.0.0.2" not in e.endpoint]
+    (entry,) = [
+        e
+        for e in server.listening
+        if e.service == name and e.endpoint.startswith(kind) and "127.0.0.2" not in e.endpoint
+    ]
     return entry.port
 
 
@@ -79,9 +83,18 @@ def ok(result) -> bytes:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_service_over_every_tls_endpoint(server, material, transport):
     args = tlsArgs(material, transport)
-    assert ok(twistsock("echo", target(server, "echo", transport), *args, "over TLS")) == b"Received: over TLS\n"
-    assert ok(twistsock("upper", target(server, "upper", transport), *args, "over TLS")) == b"FROM SERVER: OVER TLS\n"
-    assert ok(twistsock("ack", target(server, "ack", transport), *args, f"ack over {transport}")) == b"I got your message\n"
+    assert (
+        ok(twistsock("echo", target(server, "echo", transport), *args, "over TLS"))
+        == b"Received: over TLS\n"
+    )
+    assert (
+        ok(twistsock("upper", target(server, "upper", transport), *args, "over TLS"))
+        == b"FROM SERVER: OVER TLS\n"
+    )
+    assert (
+        ok(twistsock("ack", target(server, "ack", transport), *args, f"ack over {transport}"))
+        == b"I got your message\n"
+    )
     ok(twistsock("send", target(server, "sink", transport), *args, f"sink over {transport}"))
     server.waitFor(f"Here is the message: ack over {transport}$")
     server.waitFor(f"-->sink over {transport}$")
@@ -94,13 +107,17 @@ def test_ipv6_literals_work_with_tls_targets(server, material):
 
 
 def test_echo_5_mib_byte_exact_over_tls(server, material):
-    result = twistsock("echo", target(server, "echo", "ssl"), "--ca", str(material.ca), "--size", str(5 << 20))
+    result = twistsock(
+        "echo", target(server, "echo", "ssl"), "--ca", str(material.ca), "--size", str(5 << 20)
+    )
     assert ok(result) == b"Received: 5242880 bytes, identical to those sent\n"
 
 
 def test_mtls_logs_the_verified_client_subject(server, material):
     ok(twistsock("echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "who am I"))
-    server.waitFor(r"echo mtls 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+: .*, client certificate CN=twistsock client$")
+    server.waitFor(
+        r"echo mtls 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+: .*, client certificate CN=twistsock client$"
+    )
 
 
 # -- the twistsock client's verification ----------------------------------------
@@ -110,16 +127,23 @@ def test_wrong_hostname_is_refused_with_status_6(server, material):
     wrong = next(e for e in server.listening if "127.0.0.2" in e.endpoint)
     result = twistsock("echo", f"tls:127.0.0.2:{wrong.port}", "--ca", str(material.ca), "x")
     assert result.returncode == 6
-    assert result.stderr == f"twistsock: tls:127.0.0.2:{wrong.port}: certificate verification failed: the certificate is for localhost, 127.0.0.1, ::1, not 127.0.0.2\n".encode()
+    assert (
+        result.stderr
+        == f"twistsock: tls:127.0.0.2:{wrong.port}: certificate verification failed: the certificate is for localhost, 127.0.0.1, ::1, not 127.0.0.2\n".encode()
+    )
     # OpenSSL checked the name too, so the server was told why with an alert.
-    server.waitFor(r"echo tls 127.0.0.1:\d+ -> 127.0.0.2:\d+: tls handshake failed .*\(tls alert bad certificate\)$")
+    server.waitFor(
+        r"echo tls 127.0.0.1:\d+ -> 127.0.0.2:\d+: tls handshake failed .*\(tls alert bad certificate\)$"
+    )
 
 
 def test_untrusted_ca_is_refused_with_status_6(server):
     """Without --ca the platform's trust store is used, and our local CA is not in it."""
     result = twistsock("echo", target(server, "echo", "ssl"), "x")
     assert result.returncode == 6
-    assert result.stderr.endswith(b": certificate verification failed: unable to get local issuer certificate (not signed by a trusted CA; --ca FILE names the CA to trust)\n")
+    assert result.stderr.endswith(
+        b": certificate verification failed: unable to get local issuer certificate (not signed by a trusted CA; --ca FILE names the CA to trust)\n"
+    )
 
 
 def test_mtls_without_a_client_certificate_fails_with_status_7(server, material):
@@ -132,11 +156,23 @@ def test_mtls_without_a_client_certificate_fails_with_status_7(server, material)
 # -- openssl s_client, an independent client -------------------------------------
 
 
-def sClient(port: int, *args: str, host: str = "127.0.0.1", input: bytes = b"") -> subprocess.CompletedProcess:
+def sClient(
+    port: int, *args: str, host: str = "127.0.0.1", input: bytes = b""
+) -> subprocess.CompletedProcess:
     requireTool("openssl")
     return subprocess.run(
-        ["openssl", "s_client", "-connect", f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "-servername", "localhost", *args],
-        input=input, capture_output=True, timeout=WAIT,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "-servername",
+            "localhost",
+            *args,
+        ],
+        input=input,
+        capture_output=True,
+        timeout=WAIT,
     )
 
 
@@ -155,13 +191,30 @@ def test_tls_1_1_is_refused_and_1_2_and_1_3_accepted(server, material):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_every_endpoint_accepts_only_forward_secret_aead_suites_in_tls_1_2(server, material, transport):
+def test_every_endpoint_accepts_only_forward_secret_aead_suites_in_tls_1_2(
+    server, material, transport
+):
     common = ["-tls1_2", "-CAfile", str(material.ca), "-cert", str(material.client)]
     p = port(server, "echo", transport)
-    for cbcOrCCM in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-CCM"):
-        assert sClient(p, *common, "-cipher", cbcOrCCM, host="::1" if transport == "tls" else "127.0.0.1").returncode != 0, cbcOrCCM
-    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"):
-        accepted = sClient(p, *common, "-cipher", aead, host="::1" if transport == "tls" else "127.0.0.1")
+    for cbcOrCCM in (
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "ECDHE-ECDSA-AES128-CCM",
+    ):
+        assert (
+            sClient(
+                p, *common, "-cipher", cbcOrCCM, host="::1" if transport == "tls" else "127.0.0.1"
+            ).returncode
+            != 0
+        ), cbcOrCCM
+    for aead in (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ):
+        accepted = sClient(
+            p, *common, "-cipher", aead, host="::1" if transport == "tls" else "127.0.0.1"
+        )
         assert accepted.returncode == 0 and aead.encode() in accepted.stdout, aead
 
 
@@ -170,7 +223,15 @@ def test_s_client_without_a_client_certificate_is_refused_by_mtls(server, materi
     refused = sClient(p, "-tls1_2", "-CAfile", str(material.ca), input=b"hello\n")
     assert refused.returncode != 0
     assert b"I got your message" not in refused.stdout
-    accepted = sClient(p, "-CAfile", str(material.ca), "-cert", str(material.client), "-quiet", input=b"hello from s_client\n")
+    accepted = sClient(
+        p,
+        "-CAfile",
+        str(material.ca),
+        "-cert",
+        str(material.client),
+        "-quiet",
+        input=b"hello from s_client\n",
+    )
     assert b"I got your message" in accepted.stdout
     server.waitFor(r"Here is the message: hello from s_client$")
 
@@ -179,8 +240,19 @@ def test_s_client_echo_5_mib_byte_exact(server, material):
     requireTool("openssl")
     data = os.urandom(5 << 20)
     process = subprocess.Popen(
-        ["openssl", "s_client", "-quiet", "-connect", f"127.0.0.1:{port(server, 'echo', 'ssl')}", "-CAfile", str(material.ca), "-verify_return_error"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-connect",
+            f"127.0.0.1:{port(server, 'echo', 'ssl')}",
+            "-CAfile",
+            str(material.ca),
+            "-verify_return_error",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     writer = threading.Thread(target=lambda: (process.stdin.write(data), process.stdin.flush()))
     writer.start()
@@ -225,7 +297,9 @@ def test_plain_text_and_garbage_are_one_line_each(server, material, payload, det
             pass
     lines = server.waitFor(rf"127\.0\.0\.1:{me} ")
     assert len(lines) == 1
-    assert re.search(r"echo tls 127\.0\.0\.1:\d+ -> .*: tls handshake failed .*\(" + detail + r"\)$", lines[0]), lines
+    assert re.search(
+        r"echo tls 127\.0\.0\.1:\d+ -> .*: tls handshake failed .*\(" + detail + r"\)$", lines[0]
+    ), lines
     ok(twistsock("echo", target(server, "echo", "ssl"), "--ca", str(material.ca), "still serving"))
 
 
@@ -234,10 +308,16 @@ def test_half_finished_handshake_times_out_while_others_are_served(server, mater
         me = s.getsockname()[1]
         s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
         # Meanwhile every other client is served.
-        ok(twistsock("echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "not blocked"))
+        ok(
+            twistsock(
+                "echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "not blocked"
+            )
+        )
         try:
             assert s.recv(100) == b""  # closed by the server at its deadline...
         except ConnectionResetError:
             pass  # ...by an abort, which may send a reset
     (line,) = server.waitFor(rf"127\.0\.0\.1:{me} ")
-    assert re.search(r"echo mtls .*: tls handshake timeout after .*\(no handshake within 2 s\)$", line), line
+    assert re.search(
+        r"echo mtls .*: tls handshake timeout after .*\(no handshake within 2 s\)$", line
+    ), line

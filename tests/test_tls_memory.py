@@ -19,6 +19,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+from conftest import WAIT
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -27,7 +28,6 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from conftest import WAIT
 from twistsock import certs
 from twistsock._tlsdirect import NOT_TLS_ALERT, ClientHello, DirectTLSProtocol, HeapTrimmer
 from twistsock.tls import ServerTLS, loadIdentity, serverContext
@@ -68,11 +68,20 @@ class App(Protocol):
 class Server:
     """A server protocol as twistsock's TLS ports make it, over a StringTransport."""
 
-    def __init__(self, material, app: App | None = None, protocol: type = DirectTLSProtocol, heap: HeapTrimmer | None = None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        material,
+        app: App | None = None,
+        protocol: type = DirectTLSProtocol,
+        heap: HeapTrimmer | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.app = app or App()
         self.clock = clock or Clock()
         creator = ServerTLS(serverContext(loadIdentity(str(material.server))))
-        factory = TLSMemoryBIOFactory(creator, False, Factory.forProtocol(lambda: self.app), clock=self.clock)
+        factory = TLSMemoryBIOFactory(
+            creator, False, Factory.forProtocol(lambda: self.app), clock=self.clock
+        )
         factory.protocol = protocol
         self.protocol = factory.buildProtocol(None)
         if heap is not None:
@@ -131,7 +140,10 @@ def echoed(server: Server, peer: SSL.Connection, data: bytes) -> bytes:
 
 def records(body: bytes, size: int) -> bytes:
     """A handshake message cut into handshake records of C{size} bytes."""
-    return b"".join(b"\x16\x03\x01" + len(body[i : i + size]).to_bytes(2, "big") + body[i : i + size] for i in range(0, len(body), size))
+    return b"".join(
+        b"\x16\x03\x01" + len(body[i : i + size]).to_bytes(2, "big") + body[i : i + size]
+        for i in range(0, len(body), size)
+    )
 
 
 # -- no OpenSSL connection until the ClientHello is whole ---------------------------
@@ -171,7 +183,13 @@ def test_a_client_hello_in_many_records_is_held_whole_and_served(material):
 
 @pytest.mark.parametrize(
     "first",
-    [b"GET / HTTP/1.0\r\n\r\n", b"\x16\x02\x00", b"\x17\x03\x03\x00\x01", b"\x16\x03\x01\x00\x05\x02", b"\x16\x03\x01\x40\x01"],
+    [
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"\x16\x02\x00",
+        b"\x17\x03\x03\x00\x01",
+        b"\x16\x03\x01\x00\x05\x02",
+        b"\x16\x03\x01\x40\x01",
+    ],
     ids=["http", "version 2", "not a handshake record", "not a client hello", "record too long"],
 )
 def test_bytes_that_cannot_start_a_client_hello_go_to_openssl_at_once(material, first):
@@ -188,9 +206,13 @@ def test_bytes_that_cannot_start_a_client_hello_go_to_openssl_at_once(material, 
 
 def test_the_client_hello_reader_holds_at_most_a_record():
     hello = ClientHello()
-    assert all(hello.add(b"\x16\x03\x01\x00\x00") for _ in range(ClientHello.HOLD // 5))  # empty records
+    assert all(
+        hello.add(b"\x16\x03\x01\x00\x00") for _ in range(ClientHello.HOLD // 5)
+    )  # empty records
     assert not hello.add(b"\x16\x03\x01\x00\x00")  # past HOLD: OpenSSL's
-    big = b"\x16\x03\x01\x40\x00" + b"\x01\x00\x40\x00" + bytes(2**14 - 4)  # a record that holds part of a 16 KiB ClientHello
+    big = (
+        b"\x16\x03\x01\x40\x00" + b"\x01\x00\x40\x00" + bytes(2**14 - 4)
+    )  # a record that holds part of a 16 KiB ClientHello
     hello = ClientHello()
     assert hello.add(big) and not hello.add(b"\x16")
 
@@ -203,17 +225,25 @@ def test_a_client_that_closes_early_gets_what_twisted_gives_it(material, cut):
         server.protocol.dataReceived(hello)
     server.protocol.readConnectionLost()  # the client's FIN
     server.protocol.connectionLost(Failure(ConnectionDone()))
-    twisted = Server(material, protocol=BufferingTLSTransport)  # Twisted's own TLS, which is not half-closeable
+    twisted = Server(
+        material, protocol=BufferingTLSTransport
+    )  # Twisted's own TLS, which is not half-closeable
     if hello:
         twisted.protocol.dataReceived(hello)
     twisted.protocol.connectionLost(Failure(ConnectionDone()))
     assert server.transport.value() == twisted.transport.value() == ALERT
-    assert [type(r.value) for r in server.app.lost] == [type(r.value) for r in twisted.app.lost] == [ConnectionLost]
+    assert (
+        [type(r.value) for r in server.app.lost]
+        == [type(r.value) for r in twisted.app.lost]
+        == [ConnectionLost]
+    )
 
 
 @pytest.mark.parametrize("cut", [0, 6])
 @pytest.mark.parametrize("how", ["reset", "aborted", "closed by the server"])
-def test_a_connection_lost_before_the_client_hello_tells_the_service_what_twisted_tells_it(material, cut, how):
+def test_a_connection_lost_before_the_client_hello_tells_the_service_what_twisted_tells_it(
+    material, cut, how
+):
     for protocol in (DirectTLSProtocol, BufferingTLSTransport):
         server = Server(material, protocol=protocol)
         if cut:
@@ -303,12 +333,16 @@ def test_without_malloc_trim_nothing_is_scheduled():
     assert clock.getDelayedCalls() == []
 
 
-def test_the_protocol_tells_the_heap_of_its_openssl_connections_and_the_factory_clock_trims(material):
+def test_the_protocol_tells_the_heap_of_its_openssl_connections_and_the_factory_clock_trims(
+    material,
+):
     trim, clock = Trims(), Clock()
     heap = HeapTrimmer(trim)
     heap.threshold = 3
     servers = [Server(material, heap=heap, clock=clock) for _ in range(5)]
-    servers[-1].protocol.connectionLost(Failure(ConnectionDone()))  # a silent one: no OpenSSL connection, nothing to tell
+    servers[-1].protocol.connectionLost(
+        Failure(ConnectionDone())
+    )  # a silent one: no OpenSSL connection, nothing to tell
     for server in servers[:4]:
         peer = client()
         server.protocol.dataReceived(pending(peer))
@@ -331,7 +365,9 @@ class TLSClient:
         context = ssl.create_default_context(cafile=str(material.ca))
         self.sock = sock
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=False, server_hostname="127.0.0.1")
+        self.tls = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=False, server_hostname="127.0.0.1"
+        )
 
     def _receive(self) -> None:
         chunk = self.sock.recv(65536)
@@ -384,14 +420,20 @@ def closedByServer(sock: socket.socket) -> bool:
 @pytest.fixture
 def tlsServer(serve, material):
     def start(*options: str):
-        server = serve("--listen", f"echo@ssl:0:interface=127.0.0.1:privateKey={material.server}", *options)
+        server = serve(
+            "--listen", f"echo@ssl:0:interface=127.0.0.1:privateKey={material.server}", *options
+        )
         return server, server.service("echo").port
 
     return start
 
 
-@pytest.mark.parametrize("firstPart", [0, 1, 6, 100], ids=["silent", "1 byte", "6 bytes", "100 bytes"])
-def test_a_handshake_after_a_silent_period_or_a_partial_client_hello_completes(tlsServer, material, firstPart):
+@pytest.mark.parametrize(
+    "firstPart", [0, 1, 6, 100], ids=["silent", "1 byte", "6 bytes", "100 bytes"]
+)
+def test_a_handshake_after_a_silent_period_or_a_partial_client_hello_completes(
+    tlsServer, material, firstPart
+):
     server, port = tlsServer()
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         peer = TLSClient(sock, material)
@@ -406,7 +448,13 @@ def test_the_handshake_deadline_still_closes_silent_and_partial_clients(tlsServe
     with pytest.raises(ssl.SSLWantReadError):
         hello.do_handshake()
     partial = outgoing.read()[:100]
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as silent, socket.create_connection(("127.0.0.1", port), timeout=WAIT) as stopped:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as silent,
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as stopped,
+    ):
         stopped.sendall(partial)
         assert closedByServer(silent) and closedByServer(stopped)
-    server.waitFor(r"tls handshake timeout after [\d.]+ s, 0 bytes in, 0 bytes out \(no handshake within 0.5 s\)", count=2)
+    server.waitFor(
+        r"tls handshake timeout after [\d.]+ s, 0 bytes in, 0 bytes out \(no handshake within 0.5 s\)",
+        count=2,
+    )

@@ -25,7 +25,9 @@ class Clock:
 
 def server(name="echo", **policy):
     clock = Clock()
-    return udp.DatagramServer(name, DATAGRAM_SERVICES[name], udp.DatagramPolicy(**policy), clock), clock
+    return udp.DatagramServer(
+        name, DATAGRAM_SERVICES[name], udp.DatagramPolicy(**policy), clock
+    ), clock
 
 
 @pytest.mark.parametrize(
@@ -41,7 +43,10 @@ def test_parse_udp(text, expected):
     assert udp.parseUDP(text) == expected
 
 
-@pytest.mark.parametrize("text", ["udp:", "udp:x", "udp:70000", "udp:5000:interface=localhost", "udp:5000:backlog=5", "udp:1:2"])
+@pytest.mark.parametrize(
+    "text",
+    ["udp:", "udp:x", "udp:70000", "udp:5000:interface=localhost", "udp:5000:backlog=5", "udp:1:2"],
+)
 def test_parse_udp_errors(text):
     with pytest.raises(ValueError):
         udp.parseUDP(text)
@@ -66,7 +71,12 @@ def test_blocked_ports_option():
     options = Options()
     options.parseOptions(["--udp-blocked-ports", "7,19"])
     assert options["udp-blocked-ports"] == {0, 7, 19}
-    for bad in (["--udp-blocked-ports", "x"], ["--udp-blocked-ports", "70000"], ["--udp-burst", "0"], ["--udp-rate", "-1"]):
+    for bad in (
+        ["--udp-blocked-ports", "x"],
+        ["--udp-blocked-ports", "70000"],
+        ["--udp-burst", "0"],
+        ["--udp-rate", "-1"],
+    ):
         with pytest.raises(SystemExit):
             Options().parseOptions(bad)
 
@@ -88,7 +98,10 @@ def test_twins():
         assert DATAGRAM_SERVICES["ack"](b"hello\n", "[::1]:9") == b"I got your message"
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert [formatEvent(e) for e in observer] == ["127.0.0.1:9 -->Half a league", "[::1]:9 Here is the message: hello"]
+    assert [formatEvent(e) for e in observer] == [
+        "127.0.0.1:9 -->Half a league",
+        "[::1]:9 Here is the message: hello",
+    ]
 
 
 # -- the policy --
@@ -173,7 +186,10 @@ def test_a_flood_from_one_source_is_held_to_the_rate():
 def test_describe_counts():
     from collections import Counter
 
-    assert udp.describeCounts(Counter({"answered": 3, "rate limited": 2})) == "3 answered, 2 rate limited"
+    assert (
+        udp.describeCounts(Counter({"answered": 3, "rate limited": 2}))
+        == "3 answered, 2 rate limited"
+    )
     assert udp.describeCounts(Counter()) == "nothing"
 
 
@@ -182,14 +198,16 @@ def test_describe_counts():
 
 def test_reply_from_the_ipv6_pktinfo_destination():
     destination = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.2")
-    (level, kind, data), = udp._replyFrom([(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, destination + struct.pack("I", 7))])
+    ((level, kind, data),) = udp._replyFrom(
+        [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, destination + struct.pack("I", 7))]
+    )
     assert (level, kind) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)
     assert data == destination + struct.pack("I", 0)
 
 
 def test_reply_from_the_ipv4_pktinfo_destination():
     info = struct.pack("i", 3) + socket.inet_aton("127.0.0.9") + socket.inet_aton("127.0.0.2")
-    (level, kind, data), = udp._replyFrom([(socket.IPPROTO_IP, udp.IP_PKTINFO, info)])
+    ((level, kind, data),) = udp._replyFrom([(socket.IPPROTO_IP, udp.IP_PKTINFO, info)])
     assert data == struct.pack("i", 0) + socket.inet_aton("127.0.0.2") + b"\0\0\0\0"
 
 

@@ -8,7 +8,6 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import TWIST, WAIT, startServer, twistsock
 
 SERVICES = ("echo", "upper", "sink", "ack")
@@ -30,7 +29,9 @@ def port(server, name) -> int:
     return server.service(name).port
 
 
-def exchange(destination: tuple, data: bytes, *, family=socket.AF_INET, bind=None, timeout=2.0) -> bytes | None:
+def exchange(
+    destination: tuple, data: bytes, *, family=socket.AF_INET, bind=None, timeout=2.0
+) -> bytes | None:
     """Send from a connected socket (which drops replies from any other address) and wait for one reply."""
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         if bind:
@@ -40,7 +41,7 @@ def exchange(destination: tuple, data: bytes, *, family=socket.AF_INET, bind=Non
         s.send(data)
         try:
             return s.recv(70000)
-        except (socket.timeout, ConnectionRefusedError):
+        except (TimeoutError, ConnectionRefusedError):
             return None
 
 
@@ -67,7 +68,9 @@ def test_upper(server):
 def test_the_reply_leaves_from_the_address_the_request_was_sent_to(server):
     """127.0.0.2 is as local as 127.0.0.1; a reply from .1 would be dropped by this connected socket."""
     assert exchange(("127.0.0.2", port(server, "echo")), b"to .2") == b"to .2"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # unconnected: see where it comes from
+    with socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM
+    ) as s:  # unconnected: see where it comes from
         s.settimeout(WAIT)
         s.sendto(b"where from?", ("127.0.0.3", port(server, "echo")))
         data, source = s.recvfrom(100)
@@ -75,8 +78,14 @@ def test_the_reply_leaves_from_the_address_the_request_was_sent_to(server):
 
 
 def test_ipv4_and_ipv6_peers_on_one_port_logged_as_such(server):
-    assert exchange(("127.0.0.1", port(server, "ack")), b"from IPv4 over udp\n") == b"I got your message"
-    assert exchange(("::1", port(server, "ack")), b"from IPv6 over udp\n", family=socket.AF_INET6) == b"I got your message"
+    assert (
+        exchange(("127.0.0.1", port(server, "ack")), b"from IPv4 over udp\n")
+        == b"I got your message"
+    )
+    assert (
+        exchange(("::1", port(server, "ack")), b"from IPv6 over udp\n", family=socket.AF_INET6)
+        == b"I got your message"
+    )
     (v4,) = server.waitFor(r"Here is the message: from IPv4 over udp$")
     (v6,) = server.waitFor(r"Here is the message: from IPv6 over udp$")
     assert "] 127.0.0.1:" in v4 and "::ffff:" not in v4
@@ -86,26 +95,47 @@ def test_ipv4_and_ipv6_peers_on_one_port_logged_as_such(server):
 def test_no_amplification(server):
     assert exchange(("127.0.0.1", port(server, "ack")), b"x", timeout=0.5) is None
     server.waitFor(r"ack udp \[::\]:\d+ from 127\.0\.0\.1: .*reply larger than request")
-    assert exchange(("127.0.0.1", port(server, "ack")), b"long enough to be acked") == b"I got your message"
+    assert (
+        exchange(("127.0.0.1", port(server, "ack")), b"long enough to be acked")
+        == b"I got your message"
+    )
 
 
 def test_reflecting_source_ports_are_never_answered(server):
     for source in (11211, 1900):  # memcached, SSDP: unprivileged, so no root needed
-        assert exchange(("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", source), timeout=0.5) is None
+        assert (
+            exchange(
+                ("127.0.0.1", port(server, "echo")),
+                b"loop?",
+                bind=("127.0.0.1", source),
+                timeout=0.5,
+            )
+            is None
+        )
     if os.geteuid() == 0:
-        assert exchange(("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", 7), timeout=0.5) is None
+        assert (
+            exchange(
+                ("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", 7), timeout=0.5
+            )
+            is None
+        )
     server.waitFor(r"echo udp \[::\]:\d+ from 127\.0\.0\.1: .*blocked source port")
 
 
 def test_sink_logs_and_answers_nothing(server):
-    assert exchange(("127.0.0.1", port(server, "sink")), b"Half a league over udp", timeout=0.5) is None
+    assert (
+        exchange(("127.0.0.1", port(server, "sink")), b"Half a league over udp", timeout=0.5)
+        is None
+    )
     server.waitFor(r"\] 127\.0\.0\.1:\d+ -->Half a league over udp$")
     server.waitFor(r"sink udp \[::\]:\d+ from 127\.0\.0\.1: .*no reply")
 
 
 def test_rate_limit_holds_with_real_sockets():
     # A rate this low refills nothing while the test runs: exactly the burst is answered.
-    server = startServer("--udp-rate", "0.001", "--udp-burst", "5", "--listen", "udp:0:interface=127.0.0.1")
+    server = startServer(
+        "--udp-rate", "0.001", "--udp-burst", "5", "--listen", "udp:0:interface=127.0.0.1"
+    )
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.5)
@@ -116,12 +146,17 @@ def test_rate_limit_holds_with_real_sockets():
             try:
                 while True:
                     replies.append(s.recv(100))
-            except socket.timeout:
+            except TimeoutError:
                 pass
         assert replies == [b"0", b"1", b"2", b"3", b"4"]
     finally:
         server.stop()
-    assert any(re.search(r"echo udp 127\.0\.0\.1:\d+ from 127\.0\.0\.1: 5 answered, 15 rate limited$", line) for line in server.lines), server.lines[-5:]
+    assert any(
+        re.search(
+            r"echo udp 127\.0\.0\.1:\d+ from 127\.0\.0\.1: 5 answered, 15 rate limited$", line
+        )
+        for line in server.lines
+    ), server.lines[-5:]
 
 
 # -- the client --
@@ -129,13 +164,27 @@ def test_rate_limit_holds_with_real_sockets():
 
 def test_udp_client_command(server):
     p = port(server, "upper")
-    for target in (["127.0.0.1", str(p)], [f"udp:127.0.0.2:{p}"], [f"udp:[::1]:{p}"], ["localhost", str(p)]):
+    for target in (
+        ["127.0.0.1", str(p)],
+        [f"udp:127.0.0.2:{p}"],
+        [f"udp:[::1]:{p}"],
+        ["localhost", str(p)],
+    ):
         result = twistsock("udp", *target, "hello")
         assert (result.returncode, result.stdout) == (0, b"FROM SERVER: HELLO\n"), result.stderr
 
 
 def test_udp_client_errors(server):
-    timeout = twistsock("udp", "--timeout", "0.6", "--retries", "2", "127.0.0.1", str(port(server, "sink")), "nobody answers")
+    timeout = twistsock(
+        "udp",
+        "--timeout",
+        "0.6",
+        "--retries",
+        "2",
+        "127.0.0.1",
+        str(port(server, "sink")),
+        "nobody answers",
+    )
     assert timeout.returncode == 4
     assert b": timed out after 0.6 s: no reply (sink never answers" in timeout.stderr
     server.waitFor(r"-->nobody answers$", count=3)  # the first try and two retries
@@ -143,13 +192,24 @@ def test_udp_client_errors(server):
         free.bind(("127.0.0.1", 0))
         unused = free.getsockname()[1]
     refused = twistsock("udp", "127.0.0.1", str(unused), "x")
-    assert (refused.returncode, refused.stderr) == (3, f"twistsock: 127.0.0.1 port {unused}: connection refused\n".encode())
+    assert (refused.returncode, refused.stderr) == (
+        3,
+        f"twistsock: 127.0.0.1 port {unused}: connection refused\n".encode(),
+    )
 
 
 def test_udp_port_in_use_is_one_line_and_status_1():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         busy = taken.getsockname()[1]
-        result = subprocess.run([TWIST, "sockets", "--listen", f"udp:{busy}:interface=127.0.0.1"], capture_output=True, text=True, timeout=WAIT)
+        result = subprocess.run(
+            [TWIST, "sockets", "--listen", f"udp:{busy}:interface=127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
     assert result.returncode == 1
-    assert result.stderr == f"twistsock: error: cannot listen on udp:{busy}:interface=127.0.0.1 (echo): Address already in use\n"
+    assert (
+        result.stderr
+        == f"twistsock: error: cannot listen on udp:{busy}:interface=127.0.0.1 (echo): Address already in use\n"
+    )

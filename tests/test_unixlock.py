@@ -8,8 +8,8 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import WAIT, runTwist, startServer, twistsock
+
 from twistsock._unixlock import InUse, reclaimStale
 
 MODES = pytest.mark.parametrize("mode", [(), ("--workers", "2")], ids=["single", "workers"])
@@ -70,7 +70,9 @@ def test_a_second_server_on_a_live_socket_refuses_in_one_line(short_tmp, mode):
         second = runTwist("--listen", f"unix:{path}")
         assert second.returncode == 1
         assert second.stderr.count("\n") == 1, second.stderr
-        assert str(path) in second.stderr and f"pid {first.process.pid}" in second.stderr, second.stderr
+        assert str(path) in second.stderr and f"pid {first.process.pid}" in second.stderr, (
+            second.stderr
+        )
         # The first is untouched.
         assert os.readlink(f"{path}.lock") == str(first.process.pid)
         assert twistsock("echo", f"unix:path={path}", "still").returncode == 0

@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
 from test_operations import metric, scrape
+
 from twistsock import certs
 
 
@@ -46,7 +46,9 @@ def test_both_workers_accept_and_the_master_does_not():
         for i in range(40):
             assert twistsock("echo", target, f"n{i}").returncode == 0
         assert servedBy(server, 40) == {1, 2}
-        assert not any(re.search(r"echo tcp .* out$", line) for line in server.lines), "the master accepted a connection"
+        assert not any(re.search(r"echo tcp .* out$", line) for line in server.lines), (
+            "the master accepted a connection"
+        )
     finally:
         assert server.stop() == -signal.SIGTERM
 
@@ -73,13 +75,23 @@ def test_a_killed_worker_comes_back_and_the_other_serves_meanwhile():
 def test_tls_and_unix_endpoints_are_shared_too(short_tmp, tmp_path):
     material = certs.generate(tmp_path)
     path = short_tmp / "w.sock"
-    server = start("--listen", f"unix:{path}", "--listen", f"upper@ssl:0:privateKey={material.server}:interface=127.0.0.1")
+    server = start(
+        "--listen",
+        f"unix:{path}",
+        "--listen",
+        f"upper@ssl:0:privateKey={material.server}:interface=127.0.0.1",
+    )
     try:
         tls = server.service("upper").port
         for i in range(20):
             assert twistsock("echo", f"unix:path={path}", f"u{i}").returncode == 0
-            assert twistsock("upper", f"tls:localhost:{tls}", "--ca", str(material.ca), "x").stdout == b"FROM SERVER: X\n"
-        assert {int(n) for n in re.findall(r"echo unix .*, worker (\d+)", "\n".join(server.lines))} == {1, 2}
+            assert (
+                twistsock("upper", f"tls:localhost:{tls}", "--ca", str(material.ca), "x").stdout
+                == b"FROM SERVER: X\n"
+            )
+        assert {
+            int(n) for n in re.findall(r"echo unix .*, worker (\d+)", "\n".join(server.lines))
+        } == {1, 2}
     finally:
         server.stop()
     assert not path.exists()
@@ -87,7 +99,14 @@ def test_tls_and_unix_endpoints_are_shared_too(short_tmp, tmp_path):
 
 def test_metrics_add_up_over_workers_and_udp_stays_in_the_master():
     metrics = freePort()
-    server = start("--metrics", f"tcp:{metrics}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "udp:0:interface=127.0.0.1")
+    server = start(
+        "--metrics",
+        f"tcp:{metrics}:interface=127.0.0.1",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--listen",
+        "udp:0:interface=127.0.0.1",
+    )
     try:
         tcp = next(e for e in server.listening if e.endpoint.startswith("tcp:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
@@ -110,10 +129,21 @@ def test_metrics_add_up_over_workers_and_udp_stays_in_the_master():
 
 def test_sigterm_drains_every_worker_without_losing_bytes():
     server = start("--drain-timeout", "20", "--listen", "tcp:0:interface=127.0.0.1")
-    echoWhileSignalled(server, server.service("echo").port, 8 << 20, waitFor=r"waiting for 2 workers to drain")
+    echoWhileSignalled(
+        server, server.service("echo").port, 8 << 20, waitFor=r"waiting for 2 workers to drain"
+    )
     assert server.process.wait(WAIT) == -signal.SIGTERM
     server.stop()
-    assert len([line for line in server.lines if re.search(r"worker \d \(pid \d+\) ended: signal 15", line)]) == 2
+    assert (
+        len(
+            [
+                line
+                for line in server.lines
+                if re.search(r"worker \d \(pid \d+\) ended: signal 15", line)
+            ]
+        )
+        == 2
+    )
     assert "Traceback" not in "\n".join(server.lines)
 
 
@@ -137,7 +167,9 @@ def echoed(s: socket.socket, data: bytes) -> bytes:
     return got
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/stat"), reason="PR_SET_PDEATHSIG and /proc are Linux's"
+)
 def test_sigkill_of_the_master_frees_the_port_for_an_immediate_restart():
     port = freePort()
     args = ("--listen", f"tcp:{port}:interface=127.0.0.1")
@@ -168,7 +200,9 @@ def test_sigkill_of_the_master_frees_the_port_for_an_immediate_restart():
 
 def test_during_the_drain_every_process_refuses_new_clients_and_open_ones_finish(short_tmp):
     path = short_tmp / "d.sock"
-    server = start("--drain-timeout", "20", "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{path}")
+    server = start(
+        "--drain-timeout", "20", "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{path}"
+    )
     port = next(e for e in server.listening if e.endpoint.startswith("tcp:")).port
     open_ = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     try:

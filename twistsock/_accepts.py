@@ -31,7 +31,10 @@ QUIET = 1.0
 
 _REFUSED = "EMFILE recovery: Closed socket from {address}"
 _FAILED = "Could not accept new connection ({acceptError})"
-_NOISE = ("EMFILE encountered; releasing reserved file descriptor.", "Re-reserving EMFILE recovery file descriptor.")
+_NOISE = (
+    "EMFILE encountered; releasing reserved file descriptor.",
+    "Re-reserving EMFILE recovery file descriptor.",
+)
 
 
 @implementer(ILogObserver)
@@ -40,7 +43,9 @@ class AcceptErrors:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, service: str, endpoint: str, tally: Any, original: Any) -> None:
+    def __init__(
+        self, reactor: Any, service: str, endpoint: str, tally: Any, original: Any
+    ) -> None:
         self.reactor = reactor
         self.service = service
         self.endpoint = endpoint
@@ -54,7 +59,9 @@ class AcceptErrors:
         self._check: Any = None
 
     @classmethod
-    def watch(cls, port: Any, reactor: Any, service: str, endpoint: str, tally: Any) -> AcceptErrors | None:
+    def watch(
+        cls, port: Any, reactor: Any, service: str, endpoint: str, tally: Any
+    ) -> AcceptErrors | None:
         """Summarize C{port}'s accept failures, if it is a Twisted port that logs them; else leave it be."""
         logger = getattr(port, "_logger", None)
         if not isinstance(logger, Logger):

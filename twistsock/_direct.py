@@ -24,7 +24,18 @@ from typing import Any
 
 from twisted.internet import abstract, tcp
 
-_ATTRIBUTES = ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "disconnecting", "connected", "TLS", "producer", "reactor")
+_ATTRIBUTES = (
+    "socket",
+    "dataBuffer",
+    "offset",
+    "_tempDataLen",
+    "_writeDisconnecting",
+    "disconnecting",
+    "connected",
+    "TLS",
+    "producer",
+    "reactor",
+)
 # Classes whose write is Twisted's buffering one, unchanged.
 _PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
 
@@ -99,7 +110,9 @@ def canWriteDirectly(transport: Any) -> bool:
     kind = type(transport)
     known = _CAPABLE.get(kind)
     if known is None:
-        known = _CAPABLE[kind] = issubclass(kind, tcp.Connection) and all(hasattr(transport, name) for name in _ATTRIBUTES)
+        known = _CAPABLE[kind] = issubclass(kind, tcp.Connection) and all(
+            hasattr(transport, name) for name in _ATTRIBUTES
+        )
     return known
 
 

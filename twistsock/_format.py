@@ -16,7 +16,21 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
 _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord("\\"): "\\\\"})
 _ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 # Invisible format characters that reorder or hide text (bidi overrides, zero widths, the BOM).
-_ESCAPES.update({c: f"\\u{c:04x}" for c in [0x00AD, 0x061C, 0x180E, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFC)]})
+_ESCAPES.update(
+    {
+        c: f"\\u{c:04x}"
+        for c in [
+            0x00AD,
+            0x061C,
+            0x180E,
+            *range(0x200B, 0x2010),
+            *range(0x202A, 0x202F),
+            *range(0x2060, 0x2070),
+            0xFEFF,
+            *range(0xFFF9, 0xFFFC),
+        ]
+    }
+)
 _ESCAPES.update({0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)})
 
 #: How many bytes of one message a log line shows.
@@ -73,7 +87,10 @@ def oneLine(text: str) -> str:
     """C{text} with newlines and other control characters escaped, so that it stays one line."""
     if text.isprintable() and not any(ord(c) in _ESCAPES for c in text if ord(c) > 0x7E):
         return text
-    return "".join(c if c.isprintable() and ord(c) not in _ESCAPES else _ESCAPES.get(ord(c)) or repr(c)[1:-1] for c in text)
+    return "".join(
+        c if c.isprintable() and ord(c) not in _ESCAPES else _ESCAPES.get(ord(c)) or repr(c)[1:-1]
+        for c in text
+    )
 
 
 def errorText(e: BaseException) -> str:
@@ -92,7 +109,11 @@ def _errorText(e: BaseException) -> str:
         reasons = [entry[-1] for entry in e.args[0] if isinstance(entry, tuple) and entry[-1]]
         if reasons:
             return "; ".join(dict.fromkeys(reasons))
-    if isinstance(e, (_error.ConnectError, _error.ConnectionLost)) and e.args and isinstance(e.args[0], str):
+    if (
+        isinstance(e, (_error.ConnectError, _error.ConnectionLost))
+        and e.args
+        and isinstance(e.args[0], str)
+    ):
         # getConnectError() and the transports put the OS error text here.
         text = e.args[0].strip().rstrip(".")
         if text:

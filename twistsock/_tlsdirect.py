@@ -7,8 +7,9 @@ set on every TLS port twistsock listens on by L{useDirectTLS}.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -20,7 +21,6 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from ._direct import canWriteDirectly, writeDirectly
-
 
 try:  # pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's crypto module uses it too)
     from OpenSSL.SSL import _ffi, _lib
@@ -79,7 +79,11 @@ class HeapTrimmer:
 
     def closed(self, clock: Any) -> None:
         self.live -= 1
-        if self._pending is None and self._trim is not None and self.peak - self.live >= self.threshold:
+        if (
+            self._pending is None
+            and self._trim is not None
+            and self.peak - self.live >= self.threshold
+        ):
             self._pending = clock.callLater(self.delay, self._trimNow)
 
     def _trimNow(self) -> None:
@@ -257,7 +261,9 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         half-close; whether it could.  Not once we are closing: then this is
         the reply to our own close_notify, and the connection ends, as in Twisted.
         """
-        if self.disconnecting or not IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
+        if self.disconnecting or not IHalfCloseableProtocol.implementedBy(
+            type(self.wrappedProtocol)
+        ):
             return False
         if not self._inputEnded:
             self._inputEnded = True
@@ -291,7 +297,11 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         if self._inputEnded or self._lostTLSConnection:
             self._peerGone = True
             return
-        if self._handshakeDone and not self.disconnecting and IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
+        if (
+            self._handshakeDone
+            and not self.disconnecting
+            and IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol))
+        ):
             # A FIN without close_notify (ncat, many scripts): the end of
             # input too, as over TCP, once the handshake is done.
             self._inputEnded = self._peerGone = True
@@ -299,7 +309,9 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
             return
         self._tlsConnection.bio_shutdown()
         self._flushReceiveBIO()
-        if not self._inputEnded and not self._lostTLSConnection:  # pragma: no cover - OpenSSL always errs on a cut stream
+        if (
+            not self._inputEnded and not self._lostTLSConnection
+        ):  # pragma: no cover - OpenSSL always errs on a cut stream
             self._tlsShutdownFinished(None)
 
     def writeConnectionLost(self) -> None:

@@ -54,7 +54,9 @@ def reclaimStale(path: str) -> None:
     if _dead(pid):
         return
     if _answers(path):
-        raise InUse(errno.EADDRINUSE, f"{path} is in use: pid {pid} holds {lock} and the socket answers")
+        raise InUse(
+            errno.EADDRINUSE, f"{path} is in use: pid {pid} holds {lock} and the socket answers"
+        )
     try:
         if os.readlink(lock) != pid:
             return  # another server starting at the same time took it: its socket is not ours to remove
@@ -113,7 +115,11 @@ class ReclaimingUNIXEndpoint:
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         endpoint = self._endpoint
         path = os.fsdecode(endpoint._address)
-        if endpoint._wantPID and path[:1] not in ("", "\0") and not getattr(endpoint._reactor, "adopting", False):
+        if (
+            endpoint._wantPID
+            and path[:1] not in ("", "\0")
+            and not getattr(endpoint._reactor, "adopting", False)
+        ):
             try:
                 reclaimStale(path)
             except OSError as e:

@@ -13,9 +13,9 @@ import datetime
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import idna
 from cryptography import x509
@@ -52,7 +52,9 @@ class CertificatesExist(Exception):
     """Some of the files exist and C{force} was not given."""
 
 
-def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = False, days: int = VALID_DAYS) -> Generated:
+def generate(
+    directory: Path | str, names: Iterable[str] = (), *, force: bool = False, days: int = VALID_DAYS
+) -> Generated:
     """
     Write C{ca.pem}, C{server.pem} (key and certificate, for C{DEFAULT_NAMES}
     and C{names}) and C{client.pem} (key and certificate) into C{directory}.
@@ -67,24 +69,32 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
         raise ValueError("the directory for the certificates must not be empty")
     directory = Path(directory)
     if not 1 <= days <= MAX_DAYS:
-        raise ValueError(f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)")
+        raise ValueError(
+            f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)"
+        )
     allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *(hostName(n) for n in names)]))
     paths = [directory / name for name in FILES]
     existing = [str(p) for p in paths if os.path.lexists(p)]  # a dangling link too
     if existing and not force:
-        raise CertificatesExist(f"{', '.join(existing)} already exist (use --force to replace them)")
+        raise CertificatesExist(
+            f"{', '.join(existing)} already exist (use --force to replace them)"
+        )
     for path in paths:
         if path.is_dir():
             raise ValueError(f"{path} is a directory")
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     caKey = ec.generate_private_key(ec.SECP256R1())
-    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"twistsock local CA {now:%Y-%m-%d %H:%M:%S}")])
+    caName = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"twistsock local CA {now:%Y-%m-%d %H:%M:%S}")]
+    )
     ca = (
         _builder(caName, caName, caKey.public_key(), now, CA_DAYS)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_usage(certSign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False
+        )
         .sign(caKey, hashes.SHA256())
     )
 
@@ -96,7 +106,10 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_usage(certSign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()),
+                critical=False,
+            )
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -108,11 +121,19 @@ def generate(directory: Path | str, names: Iterable[str] = (), *, force: bool = 
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    _writeAll({paths[0]: (_pem(ca), 0o644), paths[1]: (_keyPem(server[0]) + _pem(server[1]), 0o600), paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600)})
+    _writeAll(
+        {
+            paths[0]: (_pem(ca), 0o644),
+            paths[1]: (_keyPem(server[0]) + _pem(server[1]), 0o600),
+            paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600),
+        }
+    )
     return Generated(*paths, names=allNames)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime, days: int) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key, now: datetime.datetime, days: int
+) -> x509.CertificateBuilder:
     # Five minutes back for clocks a little behind; the life span is still exactly `days`.
     start = now - datetime.timedelta(minutes=5)
     return (
@@ -147,15 +168,21 @@ def hostName(name: str, *, wildcard: bool = True, scoped: bool = False) -> str:
         pass
     else:
         if getattr(address, "scope_id", None) and not scoped:
-            raise ValueError(f"{name!r}: a certificate cannot name an address with a scope (%{address.scope_id})")
+            raise ValueError(
+                f"{name!r}: a certificate cannot name an address with a scope (%{address.scope_id})"
+            )
         return str(address)
-    refused = ValueError(f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address")
+    refused = ValueError(
+        f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address"
+    )
     labels = text.rstrip(".").split(".")
     star = wildcard and labels[0] == "*" and len(labels) > 1
     out = ["*"] if star else []
     for label in labels[1:] if star else labels:
         try:
-            label = label.lower() if label.isascii() else idna.encode(label, uts46=True).decode("ascii")
+            label = (
+                label.lower() if label.isascii() else idna.encode(label, uts46=True).decode("ascii")
+            )
             if label.startswith("xn--"):
                 idna.decode(label)  # an A-label must decode
         except (idna.IDNAError, UnicodeError):
@@ -194,7 +221,9 @@ def _pem(certificate: x509.Certificate) -> bytes:
 
 
 def _keyPem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _writeAll(files: dict[Path, tuple[bytes, int]]) -> None:

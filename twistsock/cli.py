@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.internet import defer, task
 
@@ -76,46 +76,142 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"twistsock {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def command(name: str, help: str, rest: str, tls: bool = True) -> argparse.ArgumentParser:
         tail = f" [{rest}]" if rest else ""
         usage = f"twistsock {name} [options] TARGET{tail}\n       twistsock {name} [options] HOST PORT{tail}"
-        sub = commands.add_parser(name, help=help, description=help, usage=usage, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("words", nargs="+", metavar=f"TARGET{tail}", help=f"where to connect, then the {rest.lower()} (default: read from standard input)" if rest else "where to connect")
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            usage=usage,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument(
+            "words",
+            nargs="+",
+            metavar=f"TARGET{tail}",
+            help=f"where to connect, then the {rest.lower()} (default: read from standard input)"
+            if rest
+            else "where to connect",
+        )
         versions = sub.add_mutually_exclusive_group()
-        versions.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET, default=0, help="IPv4 only")
-        versions.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
-        sub.add_argument("-v", "--verbose", action="store_true", help="say on standard error where it connects, the TLS it gets, and how long it took")
-        sub.add_argument("--timeout", type=_seconds, default=client.DEFAULT_TIMEOUT, help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)")
+        versions.add_argument(
+            "-4",
+            dest="family",
+            action="store_const",
+            const=socket.AF_INET,
+            default=0,
+            help="IPv4 only",
+        )
+        versions.add_argument(
+            "-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only"
+        )
+        sub.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="say on standard error where it connects, the TLS it gets, and how long it took",
+        )
+        sub.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=client.DEFAULT_TIMEOUT,
+            help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)",
+        )
         if tls:
-            sub.add_argument("--ca", metavar="FILE", help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's")
-            sub.add_argument("--cert", metavar="FILE", help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)")
+            sub.add_argument(
+                "--ca",
+                metavar="FILE",
+                help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's",
+            )
+            sub.add_argument(
+                "--cert",
+                metavar="FILE",
+                help="tls: present the client key and certificate in FILE (e.g. certs/client.pem)",
+            )
         return sub
 
-    command("send", "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream standard input and wait until the server has read it all and closed.", "MESSAGE")
-    echo = command("echo", "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream standard input and write the echo to standard output as it comes.", "MESSAGE")
-    echo.add_argument("--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)")
-    command("upper", "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send every line of standard input and print every reply (a server started with --keep-open answers them all).", "LINE")
-    command("raw", "An interactive session with any service, like nc HOST PORT: standard input to the server, its replies to standard output; the end of input half-closes, and it ends when the server closes.", "")
+    command(
+        "send",
+        "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream standard input and wait until the server has read it all and closed.",
+        "MESSAGE",
+    )
+    echo = command(
+        "echo",
+        "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream standard input and write the echo to standard output as it comes.",
+        "MESSAGE",
+    )
+    echo.add_argument(
+        "--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)"
+    )
+    command(
+        "upper",
+        "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send every line of standard input and print every reply (a server started with --keep-open answers them all).",
+        "LINE",
+    )
+    command(
+        "raw",
+        "An interactive session with any service, like nc HOST PORT: standard input to the server, its replies to standard output; the end of input half-closes, and it ends when the server closes.",
+        "",
+    )
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
-    datagram = command("udp", "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.", "MESSAGE", tls=False)
-    datagram.add_argument("--retries", type=_size, default=client.DEFAULT_RETRIES, help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)")
-    datagram.add_argument("--no-reply", action="store_true", help="send the datagram once and exit 0 without waiting for a reply (for sink, which never answers)")
+    datagram = command(
+        "udp",
+        "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.",
+        "MESSAGE",
+        tls=False,
+    )
+    datagram.add_argument(
+        "--retries",
+        type=_size,
+        default=client.DEFAULT_RETRIES,
+        help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)",
+    )
+    datagram.add_argument(
+        "--no-reply",
+        action="store_true",
+        help="send the datagram once and exit 0 without waiting for a reply (for sink, which never answers)",
+    )
     certs = commands.add_parser(
         "certs",
         help="Make a local CA, a server and a client certificate.",
         description="Make a local CA (ca.pem), a server key and certificate (server.pem) and a client key and certificate (client.pem). "
         "The CA's key signs the two and is never written: renewing means making all three again (--force).",
     )
-    certs.add_argument("directory", nargs="?", default="certs", metavar="DIR", help="where to write ca.pem, server.pem, client.pem (default: certs)")  # no %(default)s: parse_intermixed_args hides positional defaults from --help
-    certs.add_argument("--name", action="append", default=[], type=_certName, help="another DNS name or IP address for the server certificate; repeatable")
-    certs.add_argument("--days", type=_days, default=certsModule.VALID_DAYS, help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)")
-    certs.add_argument("--force", action="store_true", help="replace existing files (this is also how to renew them: a new CA each time)")
+    certs.add_argument(
+        "directory",
+        nargs="?",
+        default="certs",
+        metavar="DIR",
+        help="where to write ca.pem, server.pem, client.pem (default: certs)",
+    )  # no %(default)s: parse_intermixed_args hides positional defaults from --help
+    certs.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        type=_certName,
+        help="another DNS name or IP address for the server certificate; repeatable",
+    )
+    certs.add_argument(
+        "--days",
+        type=_days,
+        default=certsModule.VALID_DAYS,
+        help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)",
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing files (this is also how to renew them: a new CA each time)",
+    )
     completion = commands.add_parser(
         "completion",
         help="Print a shell completion script.",
-        description="Print a completion script for the shell: eval \"$(twistsock completion bash)\" in ~/.bashrc, or twistsock completion zsh in a zsh fpath file.",
+        description='Print a completion script for the shell: eval "$(twistsock completion bash)" in ~/.bashrc, or twistsock completion zsh in a zsh fpath file.',
     )
     completion.add_argument("shell", choices=("bash", "zsh"), help="bash or zsh")
     return parser, commands
@@ -125,7 +221,9 @@ def _number(text: str, kind: type) -> float:
     try:
         return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {'whole ' if kind is int else ''}number"
+        ) from None
 
 
 def _seconds(text: str) -> float:
@@ -152,7 +250,9 @@ def _certName(text: str) -> str:
 def _days(text: str) -> int:
     value = int(_number(text, int))
     if not 1 <= value <= certsModule.MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {certsModule.MAX_DAYS} (Mozilla's intermediate profile allows less than 366)")
+        raise argparse.ArgumentTypeError(
+            f"must be from 1 to {certsModule.MAX_DAYS} (Mozilla's intermediate profile allows less than 366)"
+        )
     return value
 
 
@@ -166,12 +266,20 @@ def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
     joined = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]*)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", first)
     if joined and (joined.group(3) or "").lower() not in ("tcp", "ssl", "tls", "unix", "udp"):
         # HOST:PORT or [HOST6]:PORT in one word, as in URLs
-        host, port = (joined.group(1), joined.group(2)) if joined.group(1) is not None else (joined.group(3), joined.group(4))
-        raise ValueError(f"{first!r}: give HOST and PORT as two words ({host} {port}) or an endpoint string (tcp:{first})")
+        host, port = (
+            (joined.group(1), joined.group(2))
+            if joined.group(1) is not None
+            else (joined.group(3), joined.group(4))
+        )
+        raise ValueError(
+            f"{first!r}: give HOST and PORT as two words ({host} {port}) or an endpoint string (tcp:{first})"
+        )
     if _ENDPOINT_TYPE.match(first) and not isIPv6Literal(first):
         return first, rest
     if not rest:
-        raise ValueError(f"{first!r} is neither an endpoint string (tcp:HOST:PORT) nor followed by a PORT")
+        raise ValueError(
+            f"{first!r} is neither an endpoint string (tcp:HOST:PORT) nor followed by a PORT"
+        )
     try:
         port = int(rest[0])
     except ValueError:
@@ -194,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "completion":
         sys.stdout.write(completionScript(args.shell))
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # while standard input is read, before the reactor runs
+    previous = signal.signal(
+        signal.SIGTERM, _interrupt
+    )  # while standard input is read, before the reactor runs
     try:
         target, words = splitTarget(args.words)
         # A malformed target or certificate file is a usage error, before anything runs.
@@ -230,7 +340,9 @@ def _verbose() -> None:
             sys.stderr.flush()
 
     globalLogBeginner.beginLoggingTo([show], discardBuffer=True, redirectStandardIO=False)
-    atexit.register(lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n"))
+    atexit.register(
+        lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n")
+    )
 
 
 def _reopenClosedStandardStreams() -> None:
@@ -256,7 +368,12 @@ def completionScript(shell: str) -> str:
     cases = []
     for name, sub in commands.choices.items():
         options = sorted(o for action in sub._actions for o in action.option_strings)
-        choices = [c for action in sub._actions if not action.option_strings and action.choices for c in action.choices]
+        choices = [
+            c
+            for action in sub._actions
+            if not action.option_strings and action.choices
+            for c in action.choices
+        ]
         cases.append(f'        {name}) words="{" ".join(options + choices)}" ;;')
     body = "\n".join(cases)
     script = f"""_twistsock() {{
@@ -287,11 +404,15 @@ def _certs(args: argparse.Namespace) -> None:
         sys.stderr.write(f"twistsock: {e}\n")
         raise SystemExit(1)
     print(f"{made.ca}: the local CA certificate (trust it with --ca)")
-    print(f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} day{'s' if args.days != 1 else ''}")
+    print(
+        f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} day{'s' if args.days != 1 else ''}"
+    )
     print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
 
-def _react(reactor, run: Callable[[object], defer.Deferred[None]], parser: _Parser) -> defer.Deferred[None]:
+def _react(
+    reactor, run: Callable[[object], defer.Deferred[None]], parser: _Parser
+) -> defer.Deferred[None]:
     finished: list[bool] = []
     interrupted: list[bool] = []
     exchange = defer.maybeDeferred(run, reactor)
@@ -307,7 +428,9 @@ def _react(reactor, run: Callable[[object], defer.Deferred[None]], parser: _Pars
         if interrupted:
             sys.stderr.write("twistsock: interrupted\n")
             raise SystemExit(130)
-        if reason.check(ValueError, TypeError):  # what the target or message turned out to be (a datagram too large for IPv4)
+        if reason.check(
+            ValueError, TypeError
+        ):  # what the target or message turned out to be (a datagram too large for IPv4)
             parser.error(str(reason.value))
         reason.trap(client.ClientError)
         sys.stderr.write(f"twistsock: {reason.value}\n")
@@ -322,18 +445,36 @@ def _out(*parts: bytes) -> None:
         sys.stdout.buffer.write(b"".join(parts) + b"\n")
         sys.stdout.buffer.flush()
     except OSError as e:  # a full disk, a closed pipe: one line, status 1
-        raise client.ClientError(f"cannot write the reply to standard output: {e.strerror or e}") from None
+        raise client.ClientError(
+            f"cannot write the reply to standard output: {e.strerror or e}"
+        ) from None
 
 
 def _stream(args, target, mode: str):
     """Standard input to the connection, the replies to standard output, as they come."""
-    return lambda reactor: client.relay(target, mode, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(lambda result: None)
+    return lambda reactor: client.relay(
+        target,
+        mode,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        family=args.family,
+        reactor=reactor,
+    ).addCallback(lambda result: None)
 
 
 def _send(args, target, message):
     if message is None:
         return _stream(args, target, "send")
-    return lambda reactor: client.send(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor)
+    return lambda reactor: client.send(
+        target,
+        message,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        family=args.family,
+        reactor=reactor,
+    )
 
 
 def _raw(args, target, message):
@@ -353,7 +494,15 @@ def _echo(args, target, message):
     else:
         data = message
         show = lambda echoed: _out(b"Received: ", echoed)
-    return lambda reactor: client.echo(target, data, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(show)
+    return lambda reactor: client.echo(
+        target,
+        data,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        family=args.family,
+        reactor=reactor,
+    ).addCallback(show)
 
 
 def _upper(args, target, message):
@@ -362,9 +511,15 @@ def _upper(args, target, message):
     line = message.rstrip(b"\r\n")
     if b"\n" in line:
         raise ValueError("LINE must be one line")
-    return lambda reactor: client.upper(target, line, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(
-        lambda reply: _out(b"FROM SERVER: ", reply)
-    )
+    return lambda reactor: client.upper(
+        target,
+        line,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        family=args.family,
+        reactor=reactor,
+    ).addCallback(lambda reply: _out(b"FROM SERVER: ", reply))
 
 
 def _ack(args, target, message):
@@ -376,16 +531,31 @@ def _ack(args, target, message):
     message = message.rstrip(b"\r\n")
     if b"\n" in message:
         raise ValueError("MESSAGE must be one line")
-    return lambda reactor: client.ack(target, message, timeout=args.timeout, ca=args.ca, cert=args.cert, family=args.family, reactor=reactor).addCallback(_out)
+    return lambda reactor: client.ack(
+        target,
+        message,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        family=args.family,
+        reactor=reactor,
+    ).addCallback(_out)
 
 
 def _udp(args, target, message):
     data = message if message is not None else sys.stdin.buffer.read(client.MAX_DATAGRAM6 + 1)
     if args.no_reply:
-        return lambda reactor: client.udp(target, data, timeout=args.timeout, reply=False, family=args.family, reactor=reactor)
-    return lambda reactor: client.udp(target, data, timeout=args.timeout, retries=args.retries, family=args.family, reactor=reactor).addCallback(
-        lambda reply: _out(b"FROM SERVER: ", reply)
-    )
+        return lambda reactor: client.udp(
+            target, data, timeout=args.timeout, reply=False, family=args.family, reactor=reactor
+        )
+    return lambda reactor: client.udp(
+        target,
+        data,
+        timeout=args.timeout,
+        retries=args.retries,
+        family=args.family,
+        reactor=reactor,
+    ).addCallback(lambda reply: _out(b"FROM SERVER: ", reply))
 
 
 _COMMANDS = {"send": _send, "echo": _echo, "upper": _upper, "ack": _ack, "udp": _udp, "raw": _raw}

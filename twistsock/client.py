@@ -29,20 +29,32 @@ import os
 import socket
 from typing import Any, Union
 
-from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, connectProtocol
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IResolutionReceiver, ISSLTransport
-from twisted.logger import Logger
-from twisted.internet.protocol import DatagramProtocol, Protocol
 from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    clientFromString,
+    connectProtocol,
+)
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IReactorTime,
+    IResolutionReceiver,
+    ISSLTransport,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from . import tls
-from .certs import hostName
 from ._format import describe, errorText, oneLine, printable, splitHostTarget
+from .certs import hostName
 
 __all__ = [
     "Target",
@@ -139,7 +151,9 @@ class ServerError(ClientError):
 def _check(data: object, name: str, timeout: float) -> bytes:
     """Misuse fails at once, with the type or value that is wrong."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{name} must be bytes, not {type(data).__name__} (encode text first: {name}.encode())")
+        raise TypeError(
+            f"{name} must be bytes, not {type(data).__name__} (encode text first: {name}.encode())"
+        )
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not timeout > 0:
@@ -147,7 +161,16 @@ def _check(data: object, name: str, timeout: float) -> bytes:
     return bytes(data)  # a bytearray or memoryview is sent as the bytes it holds now
 
 
-def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[None]:
+def send(
+    target: Target,
+    data: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    family: int = 0,
+    reactor: IReactorTime | None = None,
+) -> defer.Deferred[None]:
     """
     Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
     once every byte is handed to the peer's kernel and the connection closed.
@@ -156,7 +179,16 @@ def send(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: s
     return _exchange(target, _Send(data), timeout, ca, cert, reactor, family)
 
 
-def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def echo(
+    target: Target,
+    data: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    family: int = 0,
+    reactor: IReactorTime | None = None,
+) -> defer.Deferred[bytes]:
     """
     Send C{data} and read until all of it is back (seeds 001 and 004).  Fires
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
@@ -166,7 +198,16 @@ def echo(target: Target, data: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: s
     return _exchange(target, _Echo(data), timeout, ca, cert, reactor, family)
 
 
-def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def upper(
+    target: Target,
+    line: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    family: int = 0,
+    reactor: IReactorTime | None = None,
+) -> defer.Deferred[bytes]:
     """
     Send one line and fire with the server's reply line, without its ending
     (seed 002's TCPClient).  A reply that is the server's error (C{error: ...})
@@ -178,7 +219,16 @@ def upper(target: Target, line: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: 
     return _exchange(target, _Line(line), timeout, ca, cert, reactor, family)
 
 
-def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca: str | None = None, cert: str | None = None, family: int = 0, reactor: IReactorTime | None = None) -> defer.Deferred[bytes]:
+def ack(
+    target: Target,
+    message: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    ca: str | None = None,
+    cert: str | None = None,
+    family: int = 0,
+    reactor: IReactorTime | None = None,
+) -> defer.Deferred[bytes]:
     """
     Send one message (a line) and fire with the server's reply, read until it
     closes (seed 003's client).  A reply that is the server's error
@@ -187,7 +237,15 @@ def ack(target: Target, message: bytes, *, timeout: float = DEFAULT_TIMEOUT, ca:
     message = _check(message, "message", timeout)
     if b"\n" in message.rstrip(b"\n"):
         raise ValueError("ack sends one message: the message must not contain a newline")
-    return _exchange(target, _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY), timeout, ca, cert, reactor, family)
+    return _exchange(
+        target,
+        _UntilClose(message.rstrip(b"\n") + b"\n", MAX_ACK_REPLY),
+        timeout,
+        ca,
+        cert,
+        reactor,
+        family,
+    )
 
 
 _PENDING = object()
@@ -224,9 +282,19 @@ def udp(
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     host, port = udpTarget(target)
-    if (family == socket.AF_INET6 and isIPAddress(host)) or (family == socket.AF_INET and isIPv6Address(host)):
-        raise ValueError(f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and IPv{6 if family == socket.AF_INET6 else 4} only was asked for")
-    limit = MAX_DATAGRAM6 if isIPv6Address(host) else MAX_DATAGRAM if isIPAddress(host) else MAX_DATAGRAM6
+    if (family == socket.AF_INET6 and isIPAddress(host)) or (
+        family == socket.AF_INET and isIPv6Address(host)
+    ):
+        raise ValueError(
+            f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and IPv{6 if family == socket.AF_INET6 else 4} only was asked for"
+        )
+    limit = (
+        MAX_DATAGRAM6
+        if isIPv6Address(host)
+        else MAX_DATAGRAM
+        if isIPAddress(host)
+        else MAX_DATAGRAM6
+    )
     if len(data) > limit:
         raise ValueError(f"a datagram to {host} holds at most {limit} bytes, not {len(data)}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -267,7 +335,9 @@ def udpTarget(target: str | tuple[str, int]) -> tuple[str, int]:
             host = host[1:-1]
         return host, port
     if not isinstance(target, str):
-        raise TypeError(f"a UDP target is udp:HOST:PORT or a (host, port) pair, not {type(target).__name__}")
+        raise TypeError(
+            f"a UDP target is udp:HOST:PORT or a (host, port) pair, not {type(target).__name__}"
+        )
     if not target.startswith("udp:"):
         raise ValueError(f"bad target {target!r}: a UDP target is udp:HOST:PORT or HOST PORT")
     _, host, port, options = splitHostTarget(target)
@@ -300,14 +370,18 @@ def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Defer
     from twisted.internet.address import IPv4Address, IPv6Address
 
     types = {socket.AF_INET: [IPv4Address], socket.AF_INET6: [IPv6Address]}.get(family)
-    reactor.nameResolver.resolveHostName(Receiver(), host, port, addressTypes=types, transportSemantics="UDP")
+    reactor.nameResolver.resolveHostName(
+        Receiver(), host, port, addressTypes=types, transportSemantics="UDP"
+    )
     return done
 
 
 class _DatagramExchange(DatagramProtocol):
     """Send a datagram every C{interval} seconds, C{attempts} times, until a reply comes."""
 
-    def __init__(self, reactor: Any, data: bytes, interval: float, attempts: int, reply: bool = True) -> None:
+    def __init__(
+        self, reactor: Any, data: bytes, interval: float, attempts: int, reply: bool = True
+    ) -> None:
         self.reactor = reactor
         self.reply = reply
         self.data = data
@@ -319,9 +393,13 @@ class _DatagramExchange(DatagramProtocol):
 
     def start(self, address: str) -> defer.Deferred[bytes]:
         if ":" not in address and len(self.data) > MAX_DATAGRAM:  # a name that resolved to IPv4
-            raise ValueError(f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} bytes, not {len(self.data)}")
+            raise ValueError(
+                f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} bytes, not {len(self.data)}"
+            )
         interface = "::" if ":" in address else "0.0.0.0"
-        self.port = self.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024)
+        self.port = self.reactor.listenUDP(
+            0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024
+        )
         self.transport.connect(address, self.peerPort)
         self._send()
         return self.done
@@ -356,7 +434,9 @@ class _DatagramExchange(DatagramProtocol):
             if code == errno.ECONNREFUSED:
                 self.done.errback(error.ConnectionRefusedError())
             else:
-                self.done.errback(error.ConnectError(code, os.strerror(code) if code else "the socket was closed"))
+                self.done.errback(
+                    error.ConnectError(code, os.strerror(code) if code else "the socket was closed")
+                )
 
     def stop(self, result: object) -> object:
         if self._resend is not None and self._resend.active():
@@ -375,19 +455,31 @@ class _Reporting(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         _declareThrough(transport, self)
-        log.debug("connected to {peer} from {host}", peer=describe(transport.getPeer()), host=describe(transport.getHost()))
+        log.debug(
+            "connected to {peer} from {host}",
+            peer=describe(transport.getPeer()),
+            host=describe(transport.getHost()),
+        )
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
         handle = self.transport.getHandle()
-        certificate = handle.get_peer_certificate(as_cryptography=True) if hasattr(handle, "get_peer_certificate") else None
+        certificate = (
+            handle.get_peer_certificate(as_cryptography=True)
+            if hasattr(handle, "get_peer_certificate")
+            else None
+        )
         log.debug(
             "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by {issuer}",
             version=handle.get_protocol_version_name(),
             cipher=handle.get_cipher_name(),
             group=_group(handle),
-            subject=oneLine(certificate.subject.rfc4514_string()) if certificate is not None else "(none)",
-            issuer=oneLine(certificate.issuer.rfc4514_string()) if certificate is not None else "(none)",
+            subject=oneLine(certificate.subject.rfc4514_string())
+            if certificate is not None
+            else "(none)",
+            issuer=oneLine(certificate.issuer.rfc4514_string())
+            if certificate is not None
+            else "(none)",
         )
 
 
@@ -399,9 +491,19 @@ def _declareThrough(transport: Any, protocol: Any) -> None:
     that is both L{IHalfCloseableProtocol} and L{IHandshakeListener} loses
     its half-close (C{writeConnectionLost} is never called).
     """
-    for wrapper in (getattr(transport, "protocol", None), getattr(transport, "wrappedProtocol", None)):
+    for wrapper in (
+        getattr(transport, "protocol", None),
+        getattr(transport, "wrappedProtocol", None),
+    ):
         if getattr(wrapper, "_wrappedProtocol", None) is protocol:
-            alsoProvides(wrapper, *[i for i in (IHalfCloseableProtocol, IHandshakeListener) if i.providedBy(protocol)])
+            alsoProvides(
+                wrapper,
+                *[
+                    i
+                    for i in (IHalfCloseableProtocol, IHandshakeListener)
+                    if i.providedBy(protocol)
+                ],
+            )
 
 
 def _group(handle: Any) -> str:
@@ -478,7 +580,9 @@ class _Send(_Exchange):
         self.transport.write(self.data)
         halfClose = getattr(self.transport, "loseWriteConnection", None)
         if ISSLTransport.providedBy(self.transport) or halfClose is None:
-            self._sent = True  # close_notify (or the close) follows the data; the server's answer ends it
+            self._sent = (
+                True  # close_notify (or the close) follows the data; the server's answer ends it
+            )
             self.transport.loseConnection()
         else:
             halfClose()
@@ -520,9 +624,15 @@ class _Echo(_Exchange):
         start, end = self.received, self.received + len(chunk)
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
-            at = start + next((i for i, (a, b) in enumerate(zip(expected, chunk)) if a != b), len(expected))
+            at = start + next(
+                (i for i, (a, b) in enumerate(zip(expected, chunk)) if a != b), len(expected)
+            )
             if at >= len(self.data):
-                self.fail(EchoMismatch(f"echo mismatch: {end - len(self.data)} bytes more came back than the {len(self.data)} sent"))
+                self.fail(
+                    EchoMismatch(
+                        f"echo mismatch: {end - len(self.data)} bytes more came back than the {len(self.data)} sent"
+                    )
+                )
             else:
                 self.fail(EchoMismatch(f"echo mismatch at byte {at} of {len(self.data)}"))
             return
@@ -532,7 +642,11 @@ class _Echo(_Exchange):
 
     def ended(self, reason: Failure) -> None:
         if reason.check(error.ConnectionDone):
-            self.fail(EchoMismatch(f"echo mismatch: the server closed after {self.received} of {len(self.data)} bytes came back"))
+            self.fail(
+                EchoMismatch(
+                    f"echo mismatch: the server closed after {self.received} of {len(self.data)} bytes came back"
+                )
+            )
         else:
             super().ended(reason)
 
@@ -645,17 +759,25 @@ def endpoint(
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     if not (isinstance(target, (str, tuple)) or IStreamClientEndpoint.providedBy(target)):
-        raise TypeError(f"a target is an endpoint string, a (host, port) pair or an IStreamClientEndpoint, not {type(target).__name__}")
+        raise TypeError(
+            f"a target is an endpoint string, a (host, port) pair or an IStreamClientEndpoint, not {type(target).__name__}"
+        )
     if isinstance(target, tuple) and len(target) != 2:
         raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
     if family not in (0, socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"family must be 0, socket.AF_INET or socket.AF_INET6, not {family!r}")
     if isinstance(target, str) and target.startswith("tls:"):
         return _tlsEndpoint(reactor, target, timeout, ca, cert, family)
-    if family and not (isinstance(target, tuple) or (isinstance(target, str) and target.startswith("tcp:"))):
-        raise ValueError(f"IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not {_describe(target)}")
+    if family and not (
+        isinstance(target, tuple) or (isinstance(target, str) and target.startswith("tcp:"))
+    ):
+        raise ValueError(
+            f"IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not {_describe(target)}"
+        )
     if isinstance(target, str) and target.startswith("ssl:"):
-        raise ValueError(f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)")
+        raise ValueError(
+            f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)"
+        )
     if ca or cert:
         raise ValueError("a CA or client certificate needs a tls:HOST:PORT target")
     if IStreamClientEndpoint.providedBy(target):
@@ -665,7 +787,9 @@ def endpoint(
         port = _port(port)
         if host.startswith("[") and host.endswith("]"):  # [::1], as in URLs
             host = host[1:-1]
-        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout, family=family)
+        return streamEndpoint(
+            reactor, hostName(host, wildcard=False, scoped=True), int(port), timeout, family=family
+        )
     if isinstance(target, str) and target.startswith("tcp:"):
         # Built here: Twisted's tcp: parser splits an IPv6 literal at its
         # colons, wants a whole number of seconds, and resolves IPv4 only.
@@ -677,7 +801,14 @@ def endpoint(
         if unknown:
             raise ValueError(f"bad target {target!r}: unknown option {', '.join(sorted(unknown))}")
         bind = options.get("bindAddress")
-        return streamEndpoint(reactor, hostName(host, wildcard=False, scoped=True), port, _number(options.get("timeout", timeout), target), bind, family)
+        return streamEndpoint(
+            reactor,
+            hostName(host, wildcard=False, scoped=True),
+            port,
+            _number(options.get("timeout", timeout), target),
+            bind,
+            family,
+        )
     try:
         return clientFromString(reactor, target)
     except Exception as e:  # every parser error is the caller's malformed target
@@ -695,7 +826,14 @@ def _port(port: object) -> int:
     return number
 
 
-def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddress: str | None = None, family: int = 0) -> IStreamClientEndpoint:
+def streamEndpoint(
+    reactor: Any,
+    host: str,
+    port: int,
+    timeout: float,
+    bindAddress: str | None = None,
+    family: int = 0,
+) -> IStreamClientEndpoint:
     """
     A TCP client endpoint for C{host}: an address literal is connected to as
     it is, with no name resolution; a name goes through Twisted's
@@ -723,8 +861,22 @@ def streamEndpoint(reactor: Any, host: str, port: int, timeout: float, bindAddre
 class _ResolvingEndpoint:
     """Resolve a name in a thread of its own (see L{streamEndpoint}), then connect to its first address."""
 
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float, bindAddress: tuple[str, int] | None, family: int = 0) -> None:
-        self.reactor, self.host, self.port, self.timeout, self.bindAddress = reactor, host, port, timeout, bindAddress
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        timeout: float,
+        bindAddress: tuple[str, int] | None,
+        family: int = 0,
+    ) -> None:
+        self.reactor, self.host, self.port, self.timeout, self.bindAddress = (
+            reactor,
+            host,
+            port,
+            timeout,
+            bindAddress,
+        )
         self.family = family
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
@@ -733,7 +885,15 @@ class _ResolvingEndpoint:
 
         pool = ThreadPool(1, 1, "twistsock resolver")
         pool.start()
-        found = deferToThreadPool(self.reactor, pool, socket.getaddrinfo, self.host, self.port, self.family, socket.SOCK_STREAM)
+        found = deferToThreadPool(
+            self.reactor,
+            pool,
+            socket.getaddrinfo,
+            self.host,
+            self.port,
+            self.family,
+            socket.SOCK_STREAM,
+        )
 
         def stop(result: object) -> object:
             pool.stop()
@@ -742,12 +902,20 @@ class _ResolvingEndpoint:
         def connect(addresses: list[Any]) -> defer.Deferred[Any]:
             family, _, _, _, address = addresses[0]
             kind = TCP6ClientEndpoint if family == socket.AF_INET6 else TCP4ClientEndpoint
-            return kind(self.reactor, address[0], self.port, timeout=self.timeout, bindAddress=self.bindAddress).connect(factory)
+            return kind(
+                self.reactor,
+                address[0],
+                self.port,
+                timeout=self.timeout,
+                bindAddress=self.bindAddress,
+            ).connect(factory)
 
         def unknown(reason: Failure) -> Failure:
             if reason.check(socket.gaierror):
                 if self.family:
-                    raise UnknownHost(f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for {self.host}")
+                    raise UnknownHost(
+                        f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for {self.host}"
+                    )
                 raise error.DNSLookupError(self.host)
             return reason
 
@@ -776,7 +944,9 @@ def targetTimeout(target: Target, timeout: float) -> float:
     return timeout
 
 
-def _tlsEndpoint(reactor, target: str, timeout: float, ca: str | None, cert: str | None, family: int = 0) -> IStreamClientEndpoint:
+def _tlsEndpoint(
+    reactor, target: str, timeout: float, ca: str | None, cert: str | None, family: int = 0
+) -> IStreamClientEndpoint:
     """Build C{tls:} targets here: Twisted's parser fails on IPv6 literals."""
     host, port, options = tls.parseTLSTarget(target)
     unknown = set(options) - {"timeout", "bindAddress", "certificate", "privateKey", "trustRoots"}
@@ -809,12 +979,23 @@ def _describe(target: Target) -> str:
     return str(target)
 
 
-def _exchange(target: Target, protocol: _Exchange, timeout: float, ca: str | None, cert: str | None, reactor: IReactorTime | None, family: int = 0) -> defer.Deferred:
+def _exchange(
+    target: Target,
+    protocol: _Exchange,
+    timeout: float,
+    ca: str | None,
+    cert: str | None,
+    reactor: IReactorTime | None,
+    family: int = 0,
+) -> defer.Deferred:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     where = _describe(target)
     connectTimeout = targetTimeout(target, timeout)
-    d = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), protocol)
+    d = connectProtocol(
+        endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family),
+        protocol,
+    )
     d.addCallbacks(lambda p: p.done, lambda f: _timedOutConnecting(f, connectTimeout))
     d.addTimeout(timeout, reactor)
     return _cancellable(d.addErrback(_translate, where, timeout).addErrback(_hintTLS, target))
@@ -831,7 +1012,9 @@ def _cancellable(inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
     cancelled: list[bool] = []
 
     def cancel(outer: defer.Deferred[Any]) -> None:
-        cancelled.append(True)  # whatever the exchange beneath ends with now, the caller gets CancelledError
+        cancelled.append(
+            True
+        )  # whatever the exchange beneath ends with now, the caller gets CancelledError
         inner.cancel()
 
     outer: defer.Deferred[Any] = defer.Deferred(cancel)
@@ -881,7 +1064,15 @@ def _translate(reason: Failure, where: str, timeout: float) -> Failure:
 
 
 #: What OpenSSL says when the server's bytes are not TLS.
-_NOT_TLS = ("wrong version number", "unexpected message", "packet length too long", "record layer failure", "unexpected eof", "http request", "record_layer_failure")
+_NOT_TLS = (
+    "wrong version number",
+    "unexpected message",
+    "packet length too long",
+    "record layer failure",
+    "unexpected eof",
+    "http request",
+    "record_layer_failure",
+)
 
 
 def _hintTLS(reason: Failure, target: Target) -> Failure:
@@ -893,12 +1084,26 @@ def _hintTLS(reason: Failure, target: Target) -> Failure:
     e = reason.value
     tlsTarget = isinstance(target, str) and target.startswith("tls:")
     text = str(e)
-    if tlsTarget and isinstance(e, (TLSFailed, ConnectionFailed)) and any(s in text.lower() for s in _NOT_TLS):
-        raise type(e)(f"{text} (the server did not answer with TLS: if it is a plain port, use tcp:HOST:PORT)")
-    if tlsTarget and isinstance(e, ConnectionFailed) and ("connection lost" in text.lower() or "without a reply" in text):
-        raise type(e)(f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)")
+    if (
+        tlsTarget
+        and isinstance(e, (TLSFailed, ConnectionFailed))
+        and any(s in text.lower() for s in _NOT_TLS)
+    ):
+        raise type(e)(
+            f"{text} (the server did not answer with TLS: if it is a plain port, use tcp:HOST:PORT)"
+        )
+    if (
+        tlsTarget
+        and isinstance(e, ConnectionFailed)
+        and ("connection lost" in text.lower() or "without a reply" in text)
+    ):
+        raise type(e)(
+            f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)"
+        )
     if tlsTarget and isinstance(e, Timeout):
-        raise Timeout(f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)")
+        raise Timeout(
+            f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)"
+        )
     return reason
 
 
@@ -969,7 +1174,9 @@ def relay(
     where = _describe(target)
     seconds = targetTimeout(target, timeout)
     remote = _Remote(mode, reactor, stdin, stdout)
-    connecting = connectProtocol(endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), remote)
+    connecting = connectProtocol(
+        endpoint(target, timeout=timeout, ca=ca, cert=cert, reactor=reactor, family=family), remote
+    )
     timedOut: list[bool] = []
 
     def expire() -> None:
@@ -989,7 +1196,11 @@ def relay(
             raise _ConnectTimeout(seconds)
         return _timedOutConnecting(reason, seconds)
 
-    return _cancellable(connecting.addCallbacks(connected, notConnected).addErrback(_translate, where, timeout).addErrback(_hintTLS, target))
+    return _cancellable(
+        connecting.addCallbacks(connected, notConnected)
+        .addErrback(_translate, where, timeout)
+        .addErrback(_hintTLS, target)
+    )
 
 
 def _serverError(reply: bytes) -> ServerError | None:
@@ -1001,7 +1212,9 @@ def _serverError(reply: bytes) -> ServerError | None:
 
 
 def _answeredWithTLS() -> TLSFailed:
-    return TLSFailed("the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)")
+    return TLSFailed(
+        "the server answered with TLS: use tls:HOST:PORT (with --ca FILE for a private CA)"
+    )
 
 
 def _looksLikeTLS(data: bytes) -> bool:
@@ -1154,11 +1367,19 @@ class _Remote(_Reporting):
             return
         if self.first:
             self.first = False
-            if self.mode != "raw" and _looksLikeTLS(data) and not ISSLTransport.providedBy(self.transport):
+            if (
+                self.mode != "raw"
+                and _looksLikeTLS(data)
+                and not ISSLTransport.providedBy(self.transport)
+            ):
                 self._fail(_answeredWithTLS())
                 return
         self.result.received += len(data)
-        if self.mode == "send" and self.result.received == len(data) and (failure := _serverError(data)) is not None:
+        if (
+            self.mode == "send"
+            and self.result.received == len(data)
+            and (failure := _serverError(data)) is not None
+        ):
             self._fail(failure)
             return
         if self.mode == "raw":
@@ -1172,7 +1393,11 @@ class _Remote(_Reporting):
     def _echoed(self, data: bytes) -> None:
         expected = self.pending[: len(data)]
         if expected != data:
-            at = self.result.received - len(data) + next((i for i, (a, b) in enumerate(zip(expected, data)) if a != b), len(expected))
+            at = (
+                self.result.received
+                - len(data)
+                + next((i for i, (a, b) in enumerate(zip(expected, data)) if a != b), len(expected))
+            )
             self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
             return
         del self.pending[: len(data)]
@@ -1229,21 +1454,44 @@ class _Remote(_Reporting):
     def connectionLost(self, reason: Failure = None) -> None:
         if self.done.called:
             return
-        clean = reason is None or reason.check(error.ConnectionDone) or (self._outputGone and self.mode not in ("echo", "upper"))
+        clean = (
+            reason is None
+            or reason.check(error.ConnectionDone)
+            or (self._outputGone and self.mode not in ("echo", "upper"))
+        )
         failure = self.failure
-        delivered = self._sentAll or (self.terminal.ended and ISSLTransport.providedBy(self.transport))
-        if failure is None and self.mode == "send" and not delivered and not reason.check(SSL.Error):
+        delivered = self._sentAll or (
+            self.terminal.ended and ISSLTransport.providedBy(self.transport)
+        )
+        if (
+            failure is None
+            and self.mode == "send"
+            and not delivered
+            and not reason.check(SSL.Error)
+        ):
             # Closed, or reset for the bytes it did not read: either way, not delivered.
             how = "" if clean else f"; {errorText(reason.value)}"
-            failure = ConnectionFailed(f"the server closed before it had read everything ({self.result.sent} bytes of standard input sent so far{how})")
+            failure = ConnectionFailed(
+                f"the server closed before it had read everything ({self.result.sent} bytes of standard input sent so far{how})"
+            )
         if failure is None and not clean:
             failure = _lost(reason)
         if failure is None and self.mode == "echo" and self.pending:
-            failure = EchoMismatch(f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back")
-        if failure is None and self.mode == "upper" and self.result.linesReceived < self.result.linesSent:
-            failure = ConnectionFailed("the server closed the connection without a reply") if not self.result.received else ConnectionFailed(
-                f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
-                "(it answers one line per connection unless started with --keep-open)"
+            failure = EchoMismatch(
+                f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back"
+            )
+        if (
+            failure is None
+            and self.mode == "upper"
+            and self.result.linesReceived < self.result.linesSent
+        ):
+            failure = (
+                ConnectionFailed("the server closed the connection without a reply")
+                if not self.result.received
+                else ConnectionFailed(
+                    f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
+                    "(it answers one line per connection unless started with --keep-open)"
+                )
             )
         self._finish(failure)
 

@@ -215,7 +215,9 @@ class Connections:
         """
         self.tick = tick = self.tick + 1
         oldest = tick - self._idleTicks if self._idleTicks else -1
-        late = [c for c in self.active if c.lastTick < oldest or (c.due is not None and c.due <= tick)]
+        late = [
+            c for c in self.active if c.lastTick < oldest or (c.due is not None and c.due <= tick)
+        ]
         for connection in late:
             if connection.due is not None and connection.due <= tick:
                 connection.stageTimedOut()
@@ -297,7 +299,9 @@ class Connections:
                 "{count} more connections refused in {seconds:.0f} s ({reasons})",
                 count=sum(self._unrecorded.values()),
                 seconds=max(1.0, now - self._summarized),
-                reasons=", ".join(f"{n} by {reason}" for reason, n in sorted(self._unrecorded.items())),
+                reasons=", ".join(
+                    f"{n} by {reason}" for reason, n in sorted(self._unrecorded.items())
+                ),
             )
             self._unrecorded.clear()
             self._summarized = now
@@ -326,7 +330,11 @@ class Connections:
         self.draining = True
         if not self.active:
             return defer.succeed(None)
-        self.log.info("draining {count} connections for up to {timeout:g} s", count=len(self.active), timeout=timeout)
+        self.log.info(
+            "draining {count} connections for up to {timeout:g} s",
+            count=len(self.active),
+            timeout=timeout,
+        )
         self._drained = defer.Deferred()
         deadline = self.reactor.callLater(timeout, self._closeAll, timeout)
 
@@ -340,7 +348,11 @@ class Connections:
 
     def _closeAll(self, timeout: float) -> None:
         left = list(self.active)
-        self.log.info("closing {count} connections still open after {timeout:g} s", count=len(left), timeout=timeout)
+        self.log.info(
+            "closing {count} connections still open after {timeout:g} s",
+            count=len(left),
+            timeout=timeout,
+        )
         for connection in left:
             connection.closeFor(SHUTDOWN, f"still open after the {timeout:g} s drain")
 
@@ -380,7 +392,11 @@ class ConnectionFactory(Factory):
         #: Whether the service's protocols say when a line is waiting to be finished (upper, ack).
         self.timesLines = callable(getattr(getattr(service, "protocol", None), "lineWaiting", None))
         self.transport = transport
-        self.connections = connections if connections is not None else Connections(reactor, maxConnections=0, idleTimeout=0)
+        self.connections = (
+            connections
+            if connections is not None
+            else Connections(reactor, maxConnections=0, idleTimeout=0)
+        )
         self.handshakeTimeout = handshakeTimeout
         self._hosts: dict[Any, Any] = {}
         # Per listening port: its address if every connection's local address is that one, else None.
@@ -567,7 +583,9 @@ class Connection(Layer):
             return
         if self.factory.transport.tls:
             _noDelay(transport)  # the handshake is several writes at once
-            self._deadline = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTimedOut)
+            self._deadline = self.factory.reactor.callLater(
+                self.factory.handshakeTimeout, self._handshakeTimedOut
+            )
         self._serving = True
         if connections.lineTicks and self.factory.timesLines:
             self._lines = True
@@ -665,7 +683,9 @@ class Connection(Layer):
         # isinstance, not Failure.check: check walks the class's bases by name.
         clean = reason is None or isinstance(reason.value, ConnectionDone)
         if self.factory.transport.tls and not self._handshaken and self.admitted:
-            self._ended(HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value))
+            self._ended(
+                HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value)
+            )
         elif clean:
             self._ended(PEER_CLOSED)
         else:
@@ -687,7 +707,9 @@ class Connection(Layer):
         factory = self.factory
         if self._quiet:
             return
-        if self.why in _SUMMARIZED and not factory.connections.recordRefusal((self.detail or LIMIT) if self.why == LIMIT else self.why):
+        if self.why in _SUMMARIZED and not factory.connections.recordRefusal(
+            (self.detail or LIMIT) if self.why == LIMIT else self.why
+        ):
             return
         extra = f" ({self.detail})" if self.detail else ""
         if self.clientSubject:

@@ -12,13 +12,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from .endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,10 +25,18 @@ from twisted.python.failure import Failure
 from . import logs
 from ._accepts import AcceptErrors, raiseOpenFileLimit
 from ._format import describe, errorText, splitEndpoint
-from .connection import DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, ConnectionFactory, Connections, transportOf, unwrap
+from ._tlsdirect import useDirectTLS
+from .connection import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    ConnectionFactory,
+    Connections,
+    transportOf,
+    unwrap,
+)
+from .endpoints import serverFromString
 from .metrics import Tallies, metricsSite, tallies
 from .services import DATAGRAM_SERVICES, SERVICES, ServiceConfig, ServiceFactory, summarizeDatagrams
-from ._tlsdirect import useDirectTLS
 from .udp import DatagramEndpoint, DatagramPolicy, DatagramServer, defaultInterface, parseUDP
 
 DEFAULT_SERVICE = "echo"
@@ -114,7 +121,9 @@ def _checkWrappers(endpoint: str) -> None:
         names.append(part.lower())
     inner = ":".join(parts[len(names) :])
     if "haproxy" in names:
-        raise ValueError(f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{inner}")
+        raise ValueError(
+            f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{inner}"
+        )
     if len(names) > 1:
         raise ValueError(f"{endpoint!r}: one PROXY header per connection: use proxy:{inner}")
 
@@ -188,9 +197,17 @@ class ListeningService(Service):
             useDirectTLS(port)
             connections = getattr(self.factory, "connections", None)
             if connections is not None:
-                self.acceptErrors = AcceptErrors.watch(port, connections.reactor, self.spec.service, self.spec.endpoint, connections.refused)
+                self.acceptErrors = AcceptErrors.watch(
+                    port,
+                    connections.reactor,
+                    self.spec.service,
+                    self.spec.endpoint,
+                    connections.refused,
+                )
             self.log.info(
-                "{service} listening on {address} ({endpoint})" if self.worker is None else "{service} served by worker {worker} on {address} ({endpoint})",
+                "{service} listening on {address} ({endpoint})"
+                if self.worker is None
+                else "{service} served by worker {worker} on {address} ({endpoint})",
                 service=self.spec.service,
                 address=describe(port.getHost()),
                 endpoint=self.spec.endpoint,
@@ -244,7 +261,12 @@ class SocketsService(MultiService):
     log = Logger()
     metrics: ListeningService | None = None
 
-    def __init__(self, reactor: object = None, connections: Connections | None = None, drainTimeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+    def __init__(
+        self,
+        reactor: object = None,
+        connections: Connections | None = None,
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self.connections = connections if connections is not None else Connections(reactor)
@@ -310,7 +332,9 @@ class SocketsService(MultiService):
         self._limitChecked = True
         before, after = raiseOpenFileLimit()
         if after != before:
-            self.log.info("open-file limit raised from {before} to {after}", before=before, after=after)
+            self.log.info(
+                "open-file limit raised from {before} to {after}", before=before, after=after
+            )
         wanted = self.connections.maxConnections
         if wanted and wanted + 64 > after:
             self.log.warn(
@@ -323,7 +347,11 @@ class SocketsService(MultiService):
 
     def _ready(self) -> None:
         self.catchSignals()
-        self.log.info("ready: {count} listening ({reactor})", count=len([c for c in self if c is not self.metrics]), reactor=type(self.reactor).__name__)
+        self.log.info(
+            "ready: {count} listening ({reactor})",
+            count=len([c for c in self if c is not self.metrics]),
+            reactor=type(self.reactor).__name__,
+        )
 
     def catchSignals(self) -> None:
         """
@@ -337,7 +365,9 @@ class SocketsService(MultiService):
             return  # not under twist: twistd has its own (SIGUSR1 rotates its log)
         signal.signal(signal.SIGHUP, lambda number, frame: self.reactor.callFromThread(self.hangup))
         for number in (signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(number, lambda number, frame: self.reactor.callFromThread(self._ignored, number))
+            signal.signal(
+                number, lambda number, frame: self.reactor.callFromThread(self._ignored, number)
+            )
 
     def hangup(self) -> None:
         """SIGHUP: open the log file again by its name (for logrotate); serving goes on."""
@@ -346,7 +376,12 @@ class SocketsService(MultiService):
         except OSError as e:
             self.log.warn("SIGHUP: cannot reopen the log file: {error}", error=errorText(e))
             return
-        self.log.info("SIGHUP: {what}", what="log file reopened" if reopened else "no log file to reopen (the log goes to standard output)")
+        self.log.info(
+            "SIGHUP: {what}",
+            what="log file reopened"
+            if reopened
+            else "no log file to reopen (the log goes to standard output)",
+        )
 
     def _ignored(self, number: int) -> None:
         self.log.info("{name} ignored", name=signal.Signals(number).name)
@@ -431,7 +466,9 @@ def listeningService(
     if isUDP(spec):
         port, interface = parseUDP(spec.endpoint)
         endpoint = DatagramEndpoint(reactor, port, interface or defaultInterface(), summaryInterval)
-        server = DatagramServer(spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds)
+        server = DatagramServer(
+            spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds
+        )
         return ListeningService(spec, endpoint, server, onFailure)
     endpoint = serverFromString(endpointReactor, spec.endpoint)
     factory = ConnectionFactory(

@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText
 from zope.interface import implementer
@@ -45,10 +46,17 @@ class LogOutput:
     C{limit} bytes.  L{write} never blocks.
     """
 
-    def __init__(self, stream: IO[str], limit: int = BUFFER_LIMIT, summary: Callable[[int], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        stream: IO[str],
+        limit: int = BUFFER_LIMIT,
+        summary: Callable[[int], bytes] | None = None,
+    ) -> None:
         self.stream = stream
         self.limit = limit
-        self._summary = summary or (lambda n: f"{n} log lines dropped: the log output did not keep up\n".encode())
+        self._summary = summary or (
+            lambda n: f"{n} log lines dropped: the log output did not keep up\n".encode()
+        )
         self._size = 0
         self._missed = 0  # dropped since the last line that fitted
         #: Lines dropped in all, for the metrics.
@@ -171,7 +179,11 @@ class LogOutput:
         whether there was one to reopen.  Standard output is left alone.
         """
         name = getattr(self.stream, "name", None)
-        if not isinstance(name, str) or self.stream in (sys.__stdout__, sys.__stderr__) or name.startswith("<"):
+        if (
+            not isinstance(name, str)
+            or self.stream in (sys.__stdout__, sys.__stderr__)
+            or name.startswith("<")
+        ):
             return False
         # Never blocks: a FIFO without a reader is an error (ENXIO), not a wait.
         fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
@@ -227,15 +239,27 @@ class LineObserver:
         """Write a connection record: the same line as for its event, made without the generic walk over the event."""
         if self.format is _json:
             text = fields["record"]
-            line = {"time": self.stamp(time.time()), "level": "info", "namespace": namespace, "text": text}
+            line = {
+                "time": self.stamp(time.time()),
+                "level": "info",
+                "namespace": namespace,
+                "text": text,
+            }
             for key, value in fields.items():
                 if key != "record" and value.__class__ in _PLAIN_CLASSES:
                     line[key] = value
-            data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+            data = (json.dumps(line, separators=(",", ":")) + "\n").encode(
+                "utf-8", "backslashreplace"
+            )
             if len(data) <= _CHUNK:
                 self.output.write(data)
                 return
-        fields.update(log_format="{record}", log_level=LogLevel.info, log_namespace=namespace, log_time=time.time())
+        fields.update(
+            log_format="{record}",
+            log_level=LogLevel.info,
+            log_namespace=namespace,
+            log_time=time.time(),
+        )
         self(fields)
 
     def stamp(self, when: float) -> str:
@@ -260,7 +284,11 @@ _SHORT_TEXT = 500
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= _SHORT_TEXT else text[:_SHORT_TEXT] + f"... [{len(text) - _SHORT_TEXT} more characters]"
+    return (
+        text
+        if len(text) <= _SHORT_TEXT
+        else text[:_SHORT_TEXT] + f"... [{len(text) - _SHORT_TEXT} more characters]"
+    )
 
 
 def _text(observer: LineObserver, event: dict[str, Any]) -> str:
@@ -294,7 +322,9 @@ def _json(observer: LineObserver, event: dict[str, Any]) -> str:
     for key, value in event.items():
         if key.startswith("log_") or key in fields or whole == "{" + key + "}":
             continue
-        if isinstance(value, _PLAIN) and not (short and isinstance(value, str) and len(value) > 100):
+        if isinstance(value, _PLAIN) and not (
+            short and isinstance(value, str) and len(value) > 100
+        ):
             fields[key] = value
     return json.dumps(fields, separators=(",", ":")) + "\n"
 
@@ -319,7 +349,9 @@ def record(log: Logger, **fields: Any) -> None:
     _direct.record(log.namespace, fields)
 
 
-def observerFactory(format: str, limit: int = BUFFER_LIMIT, level: LogLevel = LogLevel.info) -> Callable[[IO[str]], LineObserver]:
+def observerFactory(
+    format: str, limit: int = BUFFER_LIMIT, level: LogLevel = LogLevel.info
+) -> Callable[[IO[str]], LineObserver]:
     """
     What C{twist} calls with its log file to make its observer
     (C{fileLogObserverFactory}); C{level} is C{twist}'s C{--log-level}.
@@ -327,7 +359,9 @@ def observerFactory(format: str, limit: int = BUFFER_LIMIT, level: LogLevel = Lo
 
     def make(stream: IO[str]) -> LineObserver:
         global current, _direct
-        observer = LineObserver(LogOutput(stream, limit, summary=lambda n: _summary(observer, n)), format)
+        observer = LineObserver(
+            LogOutput(stream, limit, summary=lambda n: _summary(observer, n)), format
+        )
         current = observer.output
         _direct = observer if level <= LogLevel.info else None
         return observer
@@ -355,4 +389,3 @@ def finish() -> None:
     """At exit: write out what is queued, waiting at most L{EXIT_WAIT} seconds."""
     if current is not None:
         current.close()
-

@@ -12,7 +12,8 @@ connections are open at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,7 +40,9 @@ def tallies(connections: Connections, datagrams: Iterable[DatagramServer]) -> Ta
         "bytes_received": dict(connections.bytesIn()),
         "bytes_sent": dict(connections.bytesOut()),
         "tls_handshake_failures": dict(connections.handshakeFailures),
-        "datagrams": {f"{d.name}\t{o}": d.counts[o] for d in datagrams for o in OUTCOMES if d.counts[o]},
+        "datagrams": {
+            f"{d.name}\t{o}": d.counts[o] for d in datagrams for o in OUTCOMES if d.counts[o]
+        },
         "log_lines_dropped": {"": logs.droppedLines()},
     }
 
@@ -56,13 +59,38 @@ def add(total: Tallies, more: Tallies) -> Tallies:
 
 _FAMILIES = [
     ("connections", CounterMetricFamily, "Stream connections accepted.", ["service", "transport"]),
-    ("connections_active", GaugeMetricFamily, "Stream connections open now.", ["service", "transport"]),
-    ("connections_refused", CounterMetricFamily, "Stream connections refused by a limit.", ["service", "reason"]),
+    (
+        "connections_active",
+        GaugeMetricFamily,
+        "Stream connections open now.",
+        ["service", "transport"],
+    ),
+    (
+        "connections_refused",
+        CounterMetricFamily,
+        "Stream connections refused by a limit.",
+        ["service", "reason"],
+    ),
     ("bytes_received", CounterMetricFamily, "Bytes received on stream connections.", ["service"]),
     ("bytes_sent", CounterMetricFamily, "Bytes sent on stream connections.", ["service"]),
-    ("tls_handshake_failures", CounterMetricFamily, "TLS handshakes that failed or timed out.", ["service"]),
-    ("datagrams", CounterMetricFamily, "Datagrams received, by what became of them.", ["service", "outcome"]),
-    ("log_lines_dropped", CounterMetricFamily, "Log lines dropped because the log output did not keep up.", []),
+    (
+        "tls_handshake_failures",
+        CounterMetricFamily,
+        "TLS handshakes that failed or timed out.",
+        ["service"],
+    ),
+    (
+        "datagrams",
+        CounterMetricFamily,
+        "Datagrams received, by what became of them.",
+        ["service", "outcome"],
+    ),
+    (
+        "log_lines_dropped",
+        CounterMetricFamily,
+        "Log lines dropped because the log output did not keep up.",
+        [],
+    ),
 ]
 
 
@@ -129,7 +157,12 @@ DEFAULT_METRICS_TIMEOUT = 10.0
 #: Metrics connections open at once; more are closed as they are accepted.
 DEFAULT_METRICS_CONNECTIONS = 64
 
-_REASONS = {405: b"Method Not Allowed", 413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+_REASONS = {
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
 
 
 class _MetricsChannel(HTTPChannel):
@@ -220,7 +253,14 @@ class MetricsSite(Site):
     openConnections = 0
     refusedConnections = 0
 
-    def __init__(self, resource: Resource, *, timeout: float = DEFAULT_METRICS_TIMEOUT, maxConnections: int = DEFAULT_METRICS_CONNECTIONS, reactor: object = None) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        timeout: float = DEFAULT_METRICS_TIMEOUT,
+        maxConnections: int = DEFAULT_METRICS_CONNECTIONS,
+        reactor: object = None,
+    ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.maxConnections = maxConnections
 

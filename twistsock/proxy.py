@@ -20,7 +20,6 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from .endpoints import serverFromString
 from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorSocket,
@@ -36,10 +35,11 @@ from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from ._format import describe, printable
-from .connection import DEFAULT_PROXY_TIMEOUT, PROXY_INVALID
 from ._direct import canWriteDirectly
+from ._format import describe, printable
 from ._layer import Layer
+from .connection import DEFAULT_PROXY_TIMEOUT, PROXY_INVALID
+from .endpoints import serverFromString
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 header, "\r\n" included
@@ -87,12 +87,16 @@ def _parseV1(data: bytes):
         ports = [int(f) for f in fields[4:6]]
     except ValueError:
         raise InvalidHeader("malformed v1 address") from None
-    if any(h.version != version for h in hosts) or any(not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])):
+    if any(h.version != version for h in hosts) or any(
+        not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])
+    ):
         raise InvalidHeader("malformed v1 address")
     return end + 2, _address(hosts[0], ports[0]), _address(hosts[1], ports[1])
 
 
-def _address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> IPv4Address | IPv6Address:
+def _address(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> IPv4Address | IPv6Address:
     """
     One client, one address: an IPv4-mapped IPv6 address is the IPv4 address
     it maps, and a scope (C{fe80::1%eth0}, which no v2 header can carry) is
@@ -127,12 +131,24 @@ def _parseV2(data: bytes):
         raise InvalidHeader("unsupported v2 transport")
     if addressFamily == 1 and length >= 12:
         src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
-        return total, IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, src), sport), IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, dst), dport)
+        return (
+            total,
+            IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, src), sport),
+            IPv4Address("TCP", socket.inet_ntop(socket.AF_INET, dst), dport),
+        )
     if addressFamily == 2 and length >= 36:
         src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        return total, _address(ipaddress.IPv6Address(src), sport), _address(ipaddress.IPv6Address(dst), dport)
+        return (
+            total,
+            _address(ipaddress.IPv6Address(src), sport),
+            _address(ipaddress.IPv6Address(dst), dport),
+        )
     if addressFamily == 3 and length >= 216:
-        return total, UNIXAddress(body[:108].split(b"\0", 1)[0] or None), UNIXAddress(body[108:216].split(b"\0", 1)[0] or None)
+        return (
+            total,
+            UNIXAddress(body[:108].split(b"\0", 1)[0] or None),
+            UNIXAddress(body[108:216].split(b"\0", 1)[0] or None),
+        )
     raise InvalidHeader("malformed v2 address block")
 
 
@@ -170,7 +186,11 @@ class ProxyHeaderProtocol(Layer):
             self._above = above
             above.acceptedBeneath(transport)
         elif self.factory is not None and self.factory.timeout > 0:
-            self._timer = transport.reactor.callLater(self.factory.timeout, self._timedOut) if hasattr(transport, "reactor") else None
+            self._timer = (
+                transport.reactor.callLater(self.factory.timeout, self._timedOut)
+                if hasattr(transport, "reactor")
+                else None
+            )
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -208,9 +228,16 @@ class ProxyHeaderProtocol(Layer):
     def _refuse(self, why: str) -> None:
         start = printable(self._buffer[:32])
         if self._above is not None:
-            self._above._ended(PROXY_INVALID, f"{why}, first bytes: {start}")  # said in its record, with the bytes counted
+            self._above._ended(
+                PROXY_INVALID, f"{why}, first bytes: {start}"
+            )  # said in its record, with the bytes counted
         else:
-            self.log.info("{peer} refused: {why} (first bytes: {start})", peer=describe(self.transport.getPeer()), why=why, start=start)
+            self.log.info(
+                "{peer} refused: {why} (first bytes: {start})",
+                peer=describe(self.transport.getPeer()),
+                why=why,
+                start=start,
+            )
             self._buffer = b""
         self.transport.abortConnection()
 
@@ -261,7 +288,9 @@ class ProxyHeaderFactory(Factory):
 
     noisy = False
 
-    def __init__(self, wrappedFactory: IProtocolFactory, timeout: float = DEFAULT_PROXY_TIMEOUT) -> None:
+    def __init__(
+        self, wrappedFactory: IProtocolFactory, timeout: float = DEFAULT_PROXY_TIMEOUT
+    ) -> None:
         self.wrappedFactory = wrappedFactory  # the name Twisted's WrappingFactory uses
         #: Seconds a client has to send its header (when no connection layer above times it).
         self.timeout = timeout
@@ -306,10 +335,14 @@ class _ProxyHeaderReactor:
         return self._reactor.listenTCP(port, ProxyHeaderFactory(tls), backlog, interface)
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
-        return self._reactor.listenUNIX(address, ProxyHeaderFactory(factory), backlog, mode, wantPID)
+        return self._reactor.listenUNIX(
+            address, ProxyHeaderFactory(factory), backlog, mode, wantPID
+        )
 
     def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
-        return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, ProxyHeaderFactory(factory))
+        return self._reactor.adoptStreamPort(
+            fileDescriptor, addressFamily, ProxyHeaderFactory(factory)
+        )
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
@@ -330,4 +363,6 @@ def _escape(value: str) -> str:
 
 def _unparse(args: tuple[str, ...], kwargs: dict[str, str]) -> str:
     """Rebuild the wrapped endpoint string from the pieces Twisted's parser split."""
-    return ":".join([*(_escape(a) for a in args), *(f"{_escape(k)}={_escape(v)}" for k, v in kwargs.items())])
+    return ":".join(
+        [*(_escape(a) for a in args), *(f"{_escape(k)}={_escape(v)}" for k, v in kwargs.items())]
+    )

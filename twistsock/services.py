@@ -11,8 +11,8 @@ L{LineService}.  What every datagram service shares lives in L{twistsock.udp}.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -226,7 +226,9 @@ class Ack(LineService):
         return False
 
     def lineReceived(self, line: bytes) -> None:
-        self.log.info("{peer} Here is the message: {message}", peer=self.peer(), message=printable(line))
+        self.log.info(
+            "{peer} Here is the message: {message}", peer=self.peer(), message=printable(line)
+        )
         self.transport.write(ACK_REPLY)
 
 
@@ -249,7 +251,9 @@ class DatagramQuota:
     others are counted, and the first line logged after them says how many.
     """
 
-    def __init__(self, lines: int = MESSAGE_LINES, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, lines: int = MESSAGE_LINES, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.lines = lines
         self.clock = clock
         self._second = -1
@@ -270,7 +274,11 @@ class DatagramQuota:
     def summarize(self, log: Logger) -> None:
         """Say how many messages were left out since the last time, if any."""
         if self._skipped:
-            log.info("{count} datagram messages not logged: {limit} a second are", count=self._skipped, limit=self.lines)
+            log.info(
+                "{count} datagram messages not logged: {limit} a second are",
+                count=self._skipped,
+                limit=self.lines,
+            )
             self._skipped = 0
 
 
@@ -291,7 +299,11 @@ def sinkDatagram(data: bytes, peer: str) -> None:
 def ackDatagram(data: bytes, peer: str) -> bytes:
     """Log the datagram and acknowledge it."""
     if datagramQuota.allow(Ack.log):
-        Ack.log.info("{peer} Here is the message: {message}", peer=peer, message=printable(data.rstrip(b"\r\n")))
+        Ack.log.info(
+            "{peer} Here is the message: {message}",
+            peer=peer,
+            message=printable(data.rstrip(b"\r\n")),
+        )
     return ACK_REPLY
 
 

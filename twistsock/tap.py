@@ -7,17 +7,18 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.protocol import Factory
 from twisted.python import usage
 
 from . import connection, logs, udp, workers
-from .endpoints import serverFromString
 from ._format import oneLine
-from .listen import ListenSpec, SocketsService, checkEndpoint, isUDP, listeningService, parseListen
 from .connection import DEFAULT_HANDSHAKE_TIMEOUT
+from .endpoints import serverFromString
+from .listen import ListenSpec, SocketsService, checkEndpoint, isUDP, listeningService, parseListen
 from .services import DEFAULT_MAX_LINE, ServiceConfig
 
 DEFAULT_LISTEN = "echo@tcp:5000"
@@ -30,7 +31,9 @@ def _number(option: str, kind: type) -> Callable[[str], Any]:
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"--{option}: {text!r} is not a {'whole ' if kind is int else ''}number") from None
+            raise ValueError(
+                f"--{option}: {text!r} is not a {'whole ' if kind is int else ''}number"
+            ) from None
         if not math.isfinite(value):
             raise ValueError(f"--{option}: {text!r} is not a finite number")
         return value
@@ -57,26 +60,129 @@ class Options(usage.Options):
         f"With no --listen: {DEFAULT_LISTEN}."
     )
     optFlags = [
-        ["keep-open", None, "upper: answer every line until the client closes (default: one line per connection)."],
+        [
+            "keep-open",
+            None,
+            "upper: answer every line until the client closes (default: one line per connection).",
+        ],
     ]
     optParameters = [
-        ["max-line", None, DEFAULT_MAX_LINE, "upper, ack: longest line accepted, in bytes.", _number("max-line", int)],
-        ["tls-handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT, "Seconds a TLS client has to finish its handshake.", _number("tls-handshake-timeout", float)],
-        ["udp-rate", None, udp.DEFAULT_RATE, "UDP: datagrams per second answered per source address (0: no limit).", _number("udp-rate", float)],
-        ["udp-burst", None, udp.DEFAULT_BURST, "UDP: datagrams a source may send at once before --udp-rate applies.", _number("udp-burst", int)],
-        ["udp-amplification", None, udp.DEFAULT_AMPLIFICATION, "UDP: a reply may be at most this many times its request's size.", _number("udp-amplification", float)],
-        ["udp-blocked-ports", None, "reflecting", "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list."],
-        ["udp-summary-interval", None, 60.0, "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).", _number("udp-summary-interval", float)],
-        ["max-connections", None, connection.DEFAULT_MAX_CONNECTIONS, "Stream connections served at once, over all ports (0: no limit).", _number("max-connections", int)],
-        ["max-per-peer", None, 0, "Stream connections served at once per client address (0: no limit).", _number("max-per-peer", int)],
-        ["idle-timeout", None, connection.DEFAULT_IDLE_TIMEOUT, "Seconds without a byte from the client before its connection is closed (0: never).", _number("idle-timeout", float)],
-        ["line-timeout", None, connection.DEFAULT_LINE_TIMEOUT, "upper, ack: seconds a client has to send a whole line, from its first byte (0: no limit).", _number("line-timeout", float)],
-        ["proxy-header-timeout", None, connection.DEFAULT_PROXY_TIMEOUT, "proxy: endpoints: seconds a client has to send its PROXY header (0: no limit).", _number("proxy-header-timeout", float)],
-        ["peer-network", None, "32,64", "What --max-per-peer counts as one client: the IPv4 and IPv6 prefix lengths (32,64: an IPv4 address, an IPv6 /64; 24,48 for networks)."],
-        ["drain-timeout", None, connection.DEFAULT_DRAIN_TIMEOUT, "Seconds open connections have to finish after SIGTERM or SIGINT.", _number("drain-timeout", float)],
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
-        ["log-buffer", None, logs.BUFFER_LIMIT, "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.", _number("log-buffer", int)],
-        ["workers", None, 0, "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).", _number("workers", int)],
+        [
+            "max-line",
+            None,
+            DEFAULT_MAX_LINE,
+            "upper, ack: longest line accepted, in bytes.",
+            _number("max-line", int),
+        ],
+        [
+            "tls-handshake-timeout",
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a TLS client has to finish its handshake.",
+            _number("tls-handshake-timeout", float),
+        ],
+        [
+            "udp-rate",
+            None,
+            udp.DEFAULT_RATE,
+            "UDP: datagrams per second answered per source address (0: no limit).",
+            _number("udp-rate", float),
+        ],
+        [
+            "udp-burst",
+            None,
+            udp.DEFAULT_BURST,
+            "UDP: datagrams a source may send at once before --udp-rate applies.",
+            _number("udp-burst", int),
+        ],
+        [
+            "udp-amplification",
+            None,
+            udp.DEFAULT_AMPLIFICATION,
+            "UDP: a reply may be at most this many times its request's size.",
+            _number("udp-amplification", float),
+        ],
+        [
+            "udp-blocked-ports",
+            None,
+            "reflecting",
+            "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list.",
+        ],
+        [
+            "udp-summary-interval",
+            None,
+            60.0,
+            "UDP: seconds between summaries of what happened to the datagrams (0: only at exit).",
+            _number("udp-summary-interval", float),
+        ],
+        [
+            "max-connections",
+            None,
+            connection.DEFAULT_MAX_CONNECTIONS,
+            "Stream connections served at once, over all ports (0: no limit).",
+            _number("max-connections", int),
+        ],
+        [
+            "max-per-peer",
+            None,
+            0,
+            "Stream connections served at once per client address (0: no limit).",
+            _number("max-per-peer", int),
+        ],
+        [
+            "idle-timeout",
+            None,
+            connection.DEFAULT_IDLE_TIMEOUT,
+            "Seconds without a byte from the client before its connection is closed (0: never).",
+            _number("idle-timeout", float),
+        ],
+        [
+            "line-timeout",
+            None,
+            connection.DEFAULT_LINE_TIMEOUT,
+            "upper, ack: seconds a client has to send a whole line, from its first byte (0: no limit).",
+            _number("line-timeout", float),
+        ],
+        [
+            "proxy-header-timeout",
+            None,
+            connection.DEFAULT_PROXY_TIMEOUT,
+            "proxy: endpoints: seconds a client has to send its PROXY header (0: no limit).",
+            _number("proxy-header-timeout", float),
+        ],
+        [
+            "peer-network",
+            None,
+            "32,64",
+            "What --max-per-peer counts as one client: the IPv4 and IPv6 prefix lengths (32,64: an IPv4 address, an IPv6 /64; 24,48 for networks).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            connection.DEFAULT_DRAIN_TIMEOUT,
+            "Seconds open connections have to finish after SIGTERM or SIGINT.",
+            _number("drain-timeout", float),
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1).",
+        ],
+        [
+            "log-buffer",
+            None,
+            logs.BUFFER_LIMIT,
+            "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.",
+            _number("log-buffer", int),
+        ],
+        [
+            "workers",
+            None,
+            0,
+            "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).",
+            _number("workers", int),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -97,7 +203,9 @@ class Options(usage.Options):
             super().parseOptions(options)
         except usage.UsageError as e:
             error = ConfigurationError(str(e).removeprefix("Parameter type enforcement failed: "))
-            sys.stderr.write(f"twistsock: error: {error.message} (twist sockets --help lists the options)\n")
+            sys.stderr.write(
+                f"twistsock: error: {error.message} (twist sockets --help lists the options)\n"
+            )
             sys.stderr.flush()
             raise error from None
 
@@ -113,11 +221,20 @@ class Options(usage.Options):
             raise usage.UsageError("--max-line must be at least 1")
         if not self["tls-handshake-timeout"] > 0:
             raise usage.UsageError("--tls-handshake-timeout must be more than 0")
-        if self["udp-rate"] < 0 or self["udp-burst"] < 1 or self["udp-amplification"] <= 0 or self["udp-summary-interval"] < 0:
-            raise usage.UsageError("--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0")
+        if (
+            self["udp-rate"] < 0
+            or self["udp-burst"] < 1
+            or self["udp-amplification"] <= 0
+            or self["udp-summary-interval"] < 0
+        ):
+            raise usage.UsageError(
+                "--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0"
+            )
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
         if not 0 <= self["workers"] <= MAX_WORKERS:
-            raise usage.UsageError(f"--workers must be from 0 to {MAX_WORKERS} (one per core is the most that helps)")
+            raise usage.UsageError(
+                f"--workers must be from 0 to {MAX_WORKERS} (one per core is the most that helps)"
+            )
         # A worker of a --workers master is told so in its environment, not by an option.
         worker = os.environ.pop(workers.WORKER, None)
         self["worker"] = None
@@ -125,9 +242,18 @@ class Options(usage.Options):
             try:
                 self["worker"] = workers.parseWorker(worker)
             except ValueError:
-                raise usage.UsageError(f"{workers.WORKER} is for a --workers master's use") from None
-        if self["max-connections"] < 0 or self["max-per-peer"] < 0 or self["idle-timeout"] < 0 or self["drain-timeout"] < 0:
-            raise usage.UsageError("--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more")
+                raise usage.UsageError(
+                    f"{workers.WORKER} is for a --workers master's use"
+                ) from None
+        if (
+            self["max-connections"] < 0
+            or self["max-per-peer"] < 0
+            or self["idle-timeout"] < 0
+            or self["drain-timeout"] < 0
+        ):
+            raise usage.UsageError(
+                "--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more"
+            )
         if self["line-timeout"] < 0 or self["proxy-header-timeout"] < 0:
             raise usage.UsageError("--line-timeout and --proxy-header-timeout must be 0 or more")
         self["peer-network"] = _prefixes(self["peer-network"])
@@ -153,7 +279,11 @@ class Options(usage.Options):
             return
         if "reactor" not in twist:
             twist["reactorName"] = "twistsock"
-        twist["fileLogObserverFactory"] = logs.observerFactory(twist.get("logFormat", "text"), self["log-buffer"], twist.get("logLevel", logs.LogLevel.info))
+        twist["fileLogObserverFactory"] = logs.observerFactory(
+            twist.get("logFormat", "text"),
+            self["log-buffer"],
+            twist.get("logLevel", logs.LogLevel.info),
+        )
 
 
 class ConfigurationError(SystemExit):
@@ -236,7 +366,9 @@ def _ports(text: str) -> frozenset[int]:
     try:
         ports = {int(p) for p in text.split(",") if p.strip()}
     except ValueError:
-        raise usage.UsageError(f"--udp-blocked-ports: {text!r} is not 'reflecting', 'none' or a list of ports") from None
+        raise usage.UsageError(
+            f"--udp-blocked-ports: {text!r} is not 'reflecting', 'none' or a list of ports"
+        ) from None
     if any(not 0 <= p <= 65535 for p in ports):
         raise usage.UsageError("--udp-blocked-ports: ports are 0 to 65535")
     return frozenset(ports | {0})
@@ -247,7 +379,11 @@ def _prefixes(text: str) -> tuple[int, int]:
     try:
         v4, v6 = (int(part) for part in text.split(","))
     except ValueError:
-        raise usage.UsageError(f"--peer-network: {text!r} is not two prefix lengths such as 32,64") from None
+        raise usage.UsageError(
+            f"--peer-network: {text!r} is not two prefix lengths such as 32,64"
+        ) from None
     if not (0 <= v4 <= 32 and 0 <= v6 <= 128):
-        raise usage.UsageError(f"--peer-network: {text!r}: the IPv4 prefix is 0 to 32, the IPv6 one 0 to 128")
+        raise usage.UsageError(
+            f"--peer-network: {text!r}: the IPv4 prefix is 0 to 32, the IPv6 one 0 to 128"
+        )
     return v4, v6

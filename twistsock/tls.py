@@ -32,19 +32,26 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import idna
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from service_identity import CertificateError as NoNames, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity import CertificateError as NoNames
+from service_identity import VerificationError
 from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
 from twisted.internet import ssl
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapClientTLS, wrapServerTLS
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    wrapClientTLS,
+    wrapServerTLS,
+)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -100,7 +107,9 @@ class VerificationFailed(SSL.Error):
 # -- certificates and keys ---------------------------------------------------
 
 _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL)
+_KEY = re.compile(
+    rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
+)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -121,7 +130,9 @@ def _loadKey(block: bytes, where: str) -> Any:
     try:
         return serialization.load_pem_private_key(block, None)
     except (ValueError, TypeError):
-        raise ValueError(f"{where}: the private key cannot be read (an encrypted key is not supported)") from None
+        raise ValueError(
+            f"{where}: the private key cannot be read (an encrypted key is not supported)"
+        ) from None
 
 
 def certificates(path: str, what: str = "CA file") -> list[x509.Certificate]:
@@ -136,7 +147,8 @@ def privateCertificate(privateKey: str, certKey: str | None = None) -> ssl.Priva
     """A key and its certificate, from one PEM file or two, as Twisted's type."""
     own = loadIdentity(privateKey, certKey)
     return ssl.PrivateCertificate.fromCertificateAndKeyPair(
-        ssl.Certificate(crypto.X509.from_cryptography(own.certificate)), ssl.KeyPair(crypto.PKey.from_cryptography_key(own.key))
+        ssl.Certificate(crypto.X509.from_cryptography(own.certificate)),
+        ssl.KeyPair(crypto.PKey.from_cryptography_key(own.key)),
     )
 
 
@@ -157,7 +169,9 @@ class Identity:
         return [name.lower().rstrip(".") for name in sans.value.get_values_for_type(x509.DNSName)]
 
 
-def loadIdentity(privateKey: str, certKey: str | None = None, extraCertChain: str | None = None) -> Identity:
+def loadIdentity(
+    privateKey: str, certKey: str | None = None, extraCertChain: str | None = None
+) -> Identity:
     """
     A key and its certificate from PEM files: the key from C{privateKey}; the
     certificate, then its chain, from C{certKey} (default: the same file);
@@ -175,16 +189,24 @@ def loadIdentity(privateKey: str, certKey: str | None = None, extraCertChain: st
     if not blocks:
         raise ValueError(f"{privateKey} holds no private key")
     key = _loadKey(blocks[0], privateKey)
-    chain = found[1:] + (certificates(extraCertChain, "certificate chain") if extraCertChain else [])
+    chain = found[1:] + (
+        certificates(extraCertChain, "certificate chain") if extraCertChain else []
+    )
     # Once each, and never a root: a client must already have the root.
-    identity = Identity(key, found[0], tuple(c for c in dict.fromkeys(chain) if not _selfSigned(c) and c != found[0]))
+    identity = Identity(
+        key,
+        found[0],
+        tuple(c for c in dict.fromkeys(chain) if not _selfSigned(c) and c != found[0]),
+    )
     context = SSL.Context(SSL.TLS_METHOD)
     try:
         context.use_certificate(identity.certificate)
         context.use_privatekey(identity.key)
         context.check_privatekey()
     except SSL.Error:
-        raise ValueError(f"the private key in {privateKey} is not the key of the certificate in {certKey or privateKey}") from None
+        raise ValueError(
+            f"the private key in {privateKey} is not the key of the certificate in {certKey or privateKey}"
+        ) from None
     return identity
 
 
@@ -212,15 +234,21 @@ def checkProfile(profile: str) -> str:
 def _setGroups(context: SSL.Context) -> None:
     """Offer L{GROUPS}, less those this OpenSSL does not have."""
     setter = getattr(SSL._lib, "SSL_CTX_set1_curves_list", None)  # = SSL_CTX_set1_groups_list
-    if setter is None:  # pragma: no cover - a pyOpenSSL without the binding keeps OpenSSL's defaults
+    if (
+        setter is None
+    ):  # pragma: no cover - a pyOpenSSL without the binding keeps OpenSSL's defaults
         return
     for start in range(len(GROUPS)):
         if setter(context._context, ":".join(GROUPS[start:]).encode()) == 1:
             return
-    raise ValueError("this OpenSSL offers none of the groups X25519, P-256, P-384")  # pragma: no cover
+    raise ValueError(
+        "this OpenSSL offers none of the groups X25519, P-256, P-384"
+    )  # pragma: no cover
 
 
-def serverContext(identity: Identity, profile: str = DEFAULT_PROFILE, clientCAs: Sequence[x509.Certificate] = ()) -> SSL.Context:
+def serverContext(
+    identity: Identity, profile: str = DEFAULT_PROFILE, clientCAs: Sequence[x509.Certificate] = ()
+) -> SSL.Context:
     """
     A server context for one certificate under one of L{PROFILES}.  With
     C{clientCAs}, a client must present a certificate signed by one of them,
@@ -248,7 +276,9 @@ def serverContext(identity: Identity, profile: str = DEFAULT_PROFILE, clientCAs:
         for ca in clientCAs:
             store.add_cert(crypto.X509.from_cryptography(ca))
             context.add_client_ca(ca)
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE)
+        context.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
+        )
     return context
 
 
@@ -277,7 +307,12 @@ class SNIDirectory:
     #: Seconds between two rereadings of the directory.
     RESCAN = 5.0
 
-    def __init__(self, directory: str, profile: str = DEFAULT_PROFILE, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        directory: str,
+        profile: str = DEFAULT_PROFILE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = Path(directory)
         self.profile = checkProfile(profile)
         self._clock = clock
@@ -307,7 +342,10 @@ class SNIDirectory:
         first: SSL.Context | None = None
         named: SSL.Context | None = None
         for path, key in keys:
-            leaf = next((c for c in certs if _publicKey(c.public_key()) == _publicKey(key.public_key())), None)
+            leaf = next(
+                (c for c in certs if _publicKey(c.public_key()) == _publicKey(key.public_key())),
+                None,
+            )
             if leaf is None:
                 raise ValueError(f"{path}: no certificate in {self.directory} for this private key")
             chain, issuer = [], bySubject.get(leaf.issuer)
@@ -323,7 +361,9 @@ class SNIDirectory:
                 contexts.setdefault(name, context)
         default = named or first
         if default is None:
-            raise ValueError(f"no private key and certificate in the *.pem files of {self.directory}")
+            raise ValueError(
+                f"no private key and certificate in the *.pem files of {self.directory}"
+            )
         default.set_tlsext_servername_callback(self._select)
         self._contexts, self.default, self._signature = contexts, default, signature
 
@@ -346,14 +386,22 @@ class SNIDirectory:
             try:
                 if self._signatureNow() != self._signature:
                     self._load()
-                    self.log.info("reread {directory}: {count} names", directory=str(self.directory), count=len(self._contexts))
+                    self.log.info(
+                        "reread {directory}: {count} names",
+                        directory=str(self.directory),
+                        count=len(self._contexts),
+                    )
             except (OSError, ValueError) as e:
-                self.log.warn("cannot reread {directory}: {error}", directory=str(self.directory), error=oneLine(str(e)))
+                self.log.warn(
+                    "cannot reread {directory}: {error}",
+                    directory=str(self.directory),
+                    error=oneLine(str(e)),
+                )
             context = self.lookup(name)
         if context is not None and context is not connection.get_context():
             connection.set_context(context)
 
-    def creator(self) -> "SNIServerTLS":
+    def creator(self) -> SNIServerTLS:
         return SNIServerTLS(self)
 
 
@@ -369,7 +417,9 @@ class SNIServerTLS:
 
 
 def _publicKey(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _tcpServer(reactor: Any, port: str, interface: str, backlog: str) -> IStreamServerEndpoint:
@@ -392,11 +442,22 @@ def sslServer(
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
 
 
-def sniServer(reactor: Any, path: str = "", port: str = "443", backlog: str = "50", interface: str = "::", profile: str = DEFAULT_PROFILE) -> IStreamServerEndpoint:
+def sniServer(
+    reactor: Any,
+    path: str = "",
+    port: str = "443",
+    backlog: str = "50",
+    interface: str = "::",
+    profile: str = DEFAULT_PROFILE,
+) -> IStreamServerEndpoint:
     """C{tls:DIR[:port=443][:interface=ADDR][:backlog=N][:profile=NAME]}; binds C{::} by default."""
     if not path:
-        raise ValueError("tls: needs the directory of its keys and certificates first: tls:DIR[:port=443]")
-    return wrapServerTLS(SNIDirectory(path, profile).creator(), _tcpServer(reactor, port, interface, backlog))
+        raise ValueError(
+            "tls: needs the directory of its keys and certificates first: tls:DIR[:port=443]"
+        )
+    return wrapServerTLS(
+        SNIDirectory(path, profile).creator(), _tcpServer(reactor, port, interface, backlog)
+    )
 
 
 def mtlsServer(
@@ -416,13 +477,19 @@ def mtlsServer(
     cas = certificates(clientCA, "clientCA file")
     for ca in cas:
         if not _selfSigned(ca) and not _isCA(ca):
-            raise ValueError(f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA certificate: clientCA names the CA that signed the clients' certificates")
+            raise ValueError(
+                f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA certificate: clientCA names the CA that signed the clients' certificates"
+            )
     context = serverContext(loadIdentity(privateKey, certKey, extraCertChain), profile, cas)
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
 
 
 #: twistsock's TLS server endpoint types, by prefix.
-SERVERS: dict[str, Callable[..., IStreamServerEndpoint]] = {"ssl": sslServer, "tls": sniServer, "mtls": mtlsServer}
+SERVERS: dict[str, Callable[..., IStreamServerEndpoint]] = {
+    "ssl": sslServer,
+    "tls": sniServer,
+    "mtls": mtlsServer,
+}
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
@@ -448,7 +515,12 @@ class ClientTLS:
     L{VerificationFailed}, which says why.
     """
 
-    def __init__(self, host: str, trust: Iterable[x509.Certificate] | None = None, identity: Identity | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        trust: Iterable[x509.Certificate] | None = None,
+        identity: Identity | None = None,
+    ) -> None:
         self.host = host
         self._id: ServiceID
         try:
@@ -486,7 +558,9 @@ class ClientTLS:
         _expectHost(connection, self.host, self._sni)
         return connection
 
-    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int) -> bool:
+    def _verify(
+        self, connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int
+    ) -> bool:
         # Raising makes OpenSSL refuse the certificate (and send its alert);
         # pyOpenSSL raises the exception again from the handshake.
         try:
@@ -559,10 +633,16 @@ def _subject(certificate: crypto.X509 | x509.Certificate) -> str:
 
 def _sanNames(certificate: crypto.X509) -> list[str]:
     try:
-        sans = certificate.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = (
+            certificate.to_cryptography()
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value
+        )
     except (x509.ExtensionNotFound, ValueError):
         return []
-    return [oneLine(n) for n in sans.get_values_for_type(x509.DNSName)] + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
+    return [oneLine(n) for n in sans.get_values_for_type(x509.DNSName)] + [
+        str(a) for a in sans.get_values_for_type(x509.IPAddress)
+    ]
 
 
 def clientEndpoint(
@@ -587,7 +667,9 @@ def clientEndpoint(
     host = hostName(host, wildcard=False, scoped=True)
     trust = _trusted(ca) if ca else None
     identity = loadIdentity(privateKey or cert, cert) if cert else None
-    from .client import streamEndpoint  # the client module's choice: no resolution for literals, none needing a running reactor
+    from .client import (
+        streamEndpoint,
+    )  # the client module's choice: no resolution for literals, none needing a running reactor
 
     tcp = streamEndpoint(reactor, host, int(port), timeout, bindAddress, family)
     return wrapClientTLS(ClientTLS(host, trust, identity), tcp)
@@ -597,7 +679,12 @@ def _trusted(ca: str) -> list[x509.Certificate]:
     """The certificates of a PEM file, or of every *.pem in a directory (Twisted's trustRoots=)."""
     path = Path(ca)
     if path.is_dir():
-        found = [c for pem in sorted(path.glob("*.pem")) if b"CERTIFICATE-----" in pem.read_bytes() for c in certificates(str(pem))]
+        found = [
+            c
+            for pem in sorted(path.glob("*.pem"))
+            if b"CERTIFICATE-----" in pem.read_bytes()
+            for c in certificates(str(pem))
+        ]
         if not found:
             raise ValueError(f"no *.pem certificates in {ca}")
         return found
@@ -612,4 +699,3 @@ def parseTLSTarget(target: str) -> tuple[str, int, dict[str, str]]:
     """
     _, host, port, options = splitHostTarget(target)
     return host, port, options
-

@@ -20,8 +20,9 @@ import ipaddress
 import socket
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -70,7 +71,11 @@ REFLECTING_PORTS = frozenset(
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 # Plain ints: socket's are enums, and an enum operation per datagram showed in profiles.
 _MSG_TRUNC = int(socket.MSG_TRUNC)
-_IPPROTO_IP, _IPPROTO_IPV6, _IPV6_PKTINFO = int(socket.IPPROTO_IP), int(socket.IPPROTO_IPV6), int(socket.IPV6_PKTINFO)
+_IPPROTO_IP, _IPPROTO_IPV6, _IPV6_PKTINFO = (
+    int(socket.IPPROTO_IP),
+    int(socket.IPPROTO_IPV6),
+    int(socket.IPV6_PKTINFO),
+)
 # The ancillary data for a reply, by the request's destination: as many as the host has addresses.
 _replies: dict[tuple[int, bytes], list] = {}
 _MAX_REPLIES = 256
@@ -118,7 +123,9 @@ class TokenBuckets:
     same as a forgotten one, so idle sources are swept away.
     """
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float], limit: int = MAX_SOURCES) -> None:
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float], limit: int = MAX_SOURCES
+    ) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.clock = clock
@@ -155,7 +162,11 @@ class TokenBuckets:
     def _sweep(self, now: float) -> None:
         """Forget every source whose bucket has filled up again."""
         self._swept = now
-        full = [s for s, (tokens, last) in self._buckets.items() if tokens + (now - last) * self.rate >= self.burst]
+        full = [
+            s
+            for s, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * self.rate >= self.burst
+        ]
         for source in full:
             del self._buckets[source]
 
@@ -175,7 +186,9 @@ class DatagramServer:
         #: Outcomes by source address since the last summary (see L{takeSummary}).
         self.bySource: dict[str, Counter] = {}
 
-    def handle(self, data: bytes, sourceHost: str, sourcePort: int, truncated: bool = False) -> bytes | None:
+    def handle(
+        self, data: bytes, sourceHost: str, sourcePort: int, truncated: bool = False
+    ) -> bytes | None:
         """
         The reply to send to the source, or None.  Every call counts one
         outcome, except a reply: the sender counts it with L{sent}.
@@ -214,7 +227,10 @@ class DatagramServer:
         L{SUMMARY_SOURCES} sources by name, the rest added up as C{other sources}.
         """
         bySource, self.bySource = self.bySource, {}
-        ranked = sorted(bySource.items(), key=lambda item: (item[0] == OTHER_SOURCES, -sum(item[1].values()), item[0]))
+        ranked = sorted(
+            bySource.items(),
+            key=lambda item: (item[0] == OTHER_SOURCES, -sum(item[1].values()), item[0]),
+        )
         named = [item for item in ranked if item[0] != OTHER_SOURCES][:SUMMARY_SOURCES]
         rest = Counter()
         for source, counts in ranked:
@@ -234,7 +250,14 @@ class DatagramPort:
     #: Datagrams read per turn of the reactor, so that one busy port cannot starve the rest.
     BATCH = 64
 
-    def __init__(self, reactor: Any, port: int, interface: str, server: DatagramServer, summaryInterval: float = 60.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        port: int,
+        interface: str,
+        server: DatagramServer,
+        summaryInterval: float = 60.0,
+    ) -> None:
         self.reactor = reactor
         self.port = port
         self.interface = interface
@@ -370,7 +393,9 @@ def _pktinfo(family: int, destination: bytes) -> list:
 class DatagramEndpoint:
     """C{udp:PORT[:interface=ADDR]}: listen() takes a L{DatagramServer}, like a stream endpoint takes a factory."""
 
-    def __init__(self, reactor: Any, port: int, interface: str, summaryInterval: float = 60.0) -> None:
+    def __init__(
+        self, reactor: Any, port: int, interface: str, summaryInterval: float = 60.0
+    ) -> None:
         self.reactor = reactor
         self.port = port
         self.interface = interface
@@ -428,4 +453,3 @@ def parseUDP(description: str) -> tuple[int, str | None]:
 def describeCounts(counts: Counter) -> str:
     """C{12 answered, 3 rate limited}, in a fixed order, zeros left out."""
     return ", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "nothing"
-

@@ -202,27 +202,44 @@ class MasterService(SocketsService):
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, report: "r"}
         for offset, (fd, _) in enumerate(held):
             childFDs[FIRST_FD + offset] = fd
-        sockets = ",".join(f"{FIRST_FD + offset}/{family}" for offset, (_, family) in enumerate(held))
+        sockets = ",".join(
+            f"{FIRST_FD + offset}/{family}" for offset, (_, family) in enumerate(held)
+        )
         argv = list(self.workerArgv)
         worker = _Worker(self, index)
         self.workers[index] = worker
         env = {**os.environ, MASTER_PID: str(os.getpid()), WORKER: f"{index}:{sockets}:{report}"}
-        process = self.reactor.spawnProcess(worker, sys.executable, argv, env=env, childFDs=childFDs)
+        process = self.reactor.spawnProcess(
+            worker, sys.executable, argv, env=env, childFDs=childFDs
+        )
         self.processes[index] = process
         worker.started = self.reactor.seconds()
         worker.pid = process.pid
         self.log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
 
     def workerEnded(self, worker: _Worker, status: Any) -> None:
-        self.retired = add(self.retired, {k: v for k, v in worker.tallies.items() if k != "connections_active"})
-        self.log.info("worker {index} (pid {pid}) ended: {status}", index=worker.index, pid=worker.pid, status=_status(status))
+        self.retired = add(
+            self.retired, {k: v for k, v in worker.tallies.items() if k != "connections_active"}
+        )
+        self.log.info(
+            "worker {index} (pid {pid}) ended: {status}",
+            index=worker.index,
+            pid=worker.pid,
+            status=_status(status),
+        )
         if self._stopping or not self.running:
             return
         # A worker that died young waits longer each time, up to MAX_BACKOFF.
         lived = self.reactor.seconds() - worker.started
-        backoff = 1.0 if lived > MAX_BACKOFF else min(MAX_BACKOFF, self._backoff.get(worker.index, 0.5) * 2)
+        backoff = (
+            1.0
+            if lived > MAX_BACKOFF
+            else min(MAX_BACKOFF, self._backoff.get(worker.index, 0.5) * 2)
+        )
         self._backoff[worker.index] = backoff
-        self.log.info("restarting worker {index} in {backoff:g} s", index=worker.index, backoff=backoff)
+        self.log.info(
+            "restarting worker {index} in {backoff:g} s", index=worker.index, backoff=backoff
+        )
         self.reactor.callLater(backoff, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
@@ -280,7 +297,9 @@ class MasterService(SocketsService):
     def _killAll(self) -> None:
         for index, worker in self.workers.items():
             if not worker.ended.called:
-                self.log.info("worker {index} still running after the drain: killing it", index=index)
+                self.log.info(
+                    "worker {index} still running after the drain: killing it", index=index
+                )
                 self._signal(index, signal.SIGKILL)
 
 
@@ -298,7 +317,11 @@ def workerArgv(pluginArgv: list[str]) -> list[str]:
     `sockets` and its options (the worker ignores --workers, --metrics and UDP).
     """
     program = os.path.basename(sys.argv[0]) if sys.argv else ""
-    twistOptions = sys.argv[1 : sys.argv.index("sockets")] if program == "twist" and "sockets" in sys.argv else ["--log-format=text"]
+    twistOptions = (
+        sys.argv[1 : sys.argv.index("sockets")]
+        if program == "twist" and "sockets" in sys.argv
+        else ["--log-format=text"]
+    )
     return [sys.executable, "-m", "twisted", *twistOptions, "sockets", *pluginArgv]
 
 
@@ -335,7 +358,12 @@ class WorkerService(SocketsService):
 
     def _ready(self) -> None:
         self.catchSignals()
-        self.log.info("worker {index} (pid {pid}) ready: {count} sockets", index=self.index, pid=os.getpid(), count=len(list(self)))
+        self.log.info(
+            "worker {index} (pid {pid}) ready: {count} sockets",
+            index=self.index,
+            pid=os.getpid(),
+            count=len(list(self)),
+        )
 
     def report(self) -> None:
         try:

@@ -2,4 +2,8 @@
 
 from twisted.application.reactors import Reactor
 
-twistsock = Reactor("twistsock", "twistsock.reactor", "epoll(4), without a logging context per socket event (twistsock).")
+twistsock = Reactor(
+    "twistsock",
+    "twistsock.reactor",
+    "epoll(4), without a logging context per socket event (twistsock).",
+)
