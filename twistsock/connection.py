@@ -692,13 +692,16 @@ class Connection(Layer):
             self._ended(ERROR, errorText(reason.value))
         if self.why in (HANDSHAKE_FAILED, HANDSHAKE_TIMEOUT):
             self.factory.connections.handshakeFailures[self.factory.serviceName] += 1
-        self._record()
-        if self.admitted:
-            self.admitted = False
-            self.factory.connections.release(self)
-        if self._serving:
-            self._serving = False
-            super().connectionLost(reason)
+        try:
+            if self._serving:
+                # The service's own last words (sink's "Ending connection") before the record.
+                self._serving = False
+                super().connectionLost(reason)
+        finally:
+            self._record()
+            if self.admitted:
+                self.admitted = False
+                self.factory.connections.release(self)
 
     def _record(self) -> None:
         # The text is built here and logged as one field: Twisted's formatter
