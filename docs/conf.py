@@ -22,8 +22,6 @@ html_theme = "alabaster"
 html_title = f"twistsock {release}"
 
 
-
-
 def twistedInventory() -> str:
     """An objects.inv of the installed Twisted, made by pydoctor once per version (no network)."""
     import subprocess
@@ -34,12 +32,22 @@ def twistedInventory() -> str:
     inventory = ROOT / "docs" / "_build" / f"twisted-{twisted.__version__}"
     if not (inventory / "objects.inv").exists():
         subprocess.run(
-            [sys.executable, "-m", "pydoctor", "--make-intersphinx", "--project-name=Twisted",
-             f"--html-output={inventory}", "-q", str(Path(twisted.__file__).parent)],
+            [
+                sys.executable,
+                "-m",
+                "pydoctor",
+                "--make-intersphinx",
+                "--project-name=Twisted",
+                f"--html-output={inventory}",
+                "-q",
+                str(Path(twisted.__file__).parent),
+            ],
             check=True,
             capture_output=True,
         )
-    return f"{inventory}/objects.inv::https://docs.twisted.org/en/twisted-{twisted.__version__}/api/"
+    return (
+        f"{inventory}/objects.inv::https://docs.twisted.org/en/twisted-{twisted.__version__}/api/"
+    )
 
 
 # The API reference: pydoctor reads the epytext docstrings (api/index.md is replaced by its

@@ -120,9 +120,10 @@ def test_conventions():
     assert matches(["...", "z"], ["z"])
     assert not matches(["x ... y"], ["x 1 z"])
     assert not matches(["a"], ["a", "b"])
-    assert listeners("twist sockets --listen upper@tcp:6789 --listen sink@unix:s.sock --metrics "
-                     "tcp:9100:interface=127.0.0.1 --listen udp:5000 > log &") == [
-        ("tcp", 6789), ("unix", "s.sock"), ("tcp", 9100), ("udp", 5000)]
+    assert listeners(
+        "twist sockets --listen upper@tcp:6789 --listen sink@unix:s.sock --metrics "
+        "tcp:9100:interface=127.0.0.1 --listen udp:5000 > log &"
+    ) == [("tcp", 6789), ("unix", "s.sock"), ("tcp", 9100), ("udp", 5000)]
     ran = sum(reason is None for page in PAGES for reason, _ in blocks((DOCS / page).read_text()))
     assert ran >= 10
     for page in PAGES:

@@ -154,7 +154,7 @@ def _drive(workdir: Path) -> dict:
     reader.start()
 
     def await_(shown: list[str], start: int = 0) -> tuple[list[str], int]:
-        """Wait for the shown lines, in order, from line C{start} on: the missing ones, and where."""
+        """Wait for the shown lines in order from line C{start}: the missing ones, and where."""
         deadline = time.monotonic() + WAIT
         while True:
             with lock:
