@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import pytest_twisted
@@ -197,15 +198,17 @@ def test_curl_posts_50_MiB_and_gets_405_then_gets_the_exposition(metricsServer):
             stderr=subprocess.PIPE,
         )
 
-        def feed() -> None:
+        def feed(stdin: IO[bytes]) -> None:
             try:
                 for _ in range(BODY // 65536):
-                    process.stdin.write(b"x" * 65536)
-                process.stdin.close()
+                    stdin.write(b"x" * 65536)
+                stdin.close()
             except BrokenPipeError:
                 pass  # curl had its answer and stopped reading
 
-        feeder = threading.Thread(target=feed)
+        # This process's stdin, bound now: a feeder still running after its join
+        # timed out must not write to the next round's curl.
+        feeder = threading.Thread(target=feed, args=(process.stdin,))
         feeder.start()
         try:
             process.wait(WAIT)  # its output is a few bytes: the pipes cannot fill
