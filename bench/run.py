@@ -218,7 +218,7 @@ class Server:
                 break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {argv}")
+                    raise RuntimeError(f"server did not start: {argv}") from None
                 time.sleep(0.05)
         time.sleep(0.2)
 
@@ -352,7 +352,7 @@ def main() -> None:
                                 rate / rates[base]
                             )
             if not args.only or any("idle" in o for o in args.only):
-                for name, (command, serves) in table.items():
+                for name, (command, _serves) in table.items():
                     port = freePorts()
                     server = Server(command(port), port)
                     try:

@@ -94,8 +94,7 @@ def test_plain_tcp_with_proxy_v2_logs_the_real_client(stack):
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"Received: through haproxy\n"
     server.waitFor(
-        r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: .*15 bytes in, 15 bytes out$"
-        % fronts["echo"]
+        rf"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:{fronts['echo']}: .*15 bytes in, 15 bytes out$"
     )
 
 
@@ -189,7 +188,7 @@ def test_a_proxy_port_refuses_a_client_without_a_header(stack):
         rf"echo proxy 127\.0\.0\.1:{me} -> .*: proxy header invalid after .*\(malformed v1 header, first bytes: PROXY TCP4 6\.6\.6\.6"
     )
     assert not [
-        l for l in server.lines if " proxy 6.6.6.6:" in l
+        line for line in server.lines if " proxy 6.6.6.6:" in line
     ]  # the spoofed client is never taken for the peer
 
 

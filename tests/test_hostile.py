@@ -99,7 +99,7 @@ def test_2000_concurrent_connections_echo_every_byte(moreFiles):
         print(
             f"\n2000 connections held: server RSS {before >> 20} MiB before the echo, {server.rss() >> 20} MiB after"
         )
-        wrong = sum(1 for got, want in zip(received, payloads) if got != want)
+        wrong = sum(1 for got, want in zip(received, payloads, strict=True) if got != want)
         assert wrong == 0, f"{wrong} of 2000 connections did not get their 16 KiB back"
         for s in sockets:
             s.close()

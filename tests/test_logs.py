@@ -229,7 +229,7 @@ def test_dropped_lines_are_counted_in_the_log_once_a_reader_returns_and_in_metri
     )
     try:
         waitForPort(port, process)
-        for i in range(2000):
+        for _ in range(2000):
             upperOnce(port, b"x")
         from test_operations import metric, scrape
 

@@ -49,7 +49,7 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
         a.stop()
         b.stop()
     assert [r for r in results if r[1] != 0] == []
-    record = r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: peer closed" % front
+    record = rf"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:{front}: peer closed"
     servedByA = [line for line in a.lines if re.search(record, line)]
     servedByB = [line for line in b.lines if re.search(record, line)]
     assert 5 <= len(servedByA) <= 20, "roundrobin sent A about half of the first 20"

@@ -402,7 +402,7 @@ def _certs(args: argparse.Namespace) -> None:
         made = certsModule.generate(args.directory, args.name, force=args.force, days=args.days)
     except (certsModule.CertificatesExist, ValueError, OSError) as e:
         sys.stderr.write(f"twistsock: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     print(f"{made.ca}: the local CA certificate (trust it with --ca)")
     print(
         f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} day{'s' if args.days != 1 else ''}"
@@ -488,12 +488,18 @@ def _echo(args, target, message):
         if message is not None:
             raise ValueError("give either a MESSAGE or --size, not both")
         data = os.urandom(args.size)
-        show = lambda echoed: _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+
+        def show(echoed: bytes) -> None:
+            _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+
     elif message is None:
         return _stream(args, target, "echo")
     else:
         data = message
-        show = lambda echoed: _out(b"Received: ", echoed)
+
+        def show(echoed: bytes) -> None:
+            _out(b"Received: ", echoed)
+
     return lambda reactor: client.echo(
         target,
         data,

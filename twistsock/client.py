@@ -625,7 +625,7 @@ class _Echo(_Exchange):
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
             at = start + next(
-                (i for i, (a, b) in enumerate(zip(expected, chunk)) if a != b), len(expected)
+                (i for i, (a, b) in enumerate(zip(expected, chunk, strict=False)) if a != b), len(expected)
             )
             if at >= len(self.data):
                 self.fail(
@@ -1396,7 +1396,7 @@ class _Remote(_Reporting):
             at = (
                 self.result.received
                 - len(data)
-                + next((i for i, (a, b) in enumerate(zip(expected, data)) if a != b), len(expected))
+                + next((i for i, (a, b) in enumerate(zip(expected, data, strict=False)) if a != b), len(expected))
             )
             self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
             return

@@ -88,7 +88,7 @@ def _parseV1(data: bytes):
     except ValueError:
         raise InvalidHeader("malformed v1 address") from None
     if any(h.version != version for h in hosts) or any(
-        not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])
+        not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6], strict=True)
     ):
         raise InvalidHeader("malformed v1 address")
     return end + 2, _address(hosts[0], ports[0]), _address(hosts[1], ports[1])
