@@ -297,7 +297,10 @@ def main() -> None:
     parser.add_argument(
         "--pypy",
         metavar="PYTHON",
-        help="also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds of the same load first)",
+        help=(
+            "also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds "
+            "of the same load first)"
+        ),
     )
     parser.add_argument(
         "--warmup",
@@ -342,7 +345,8 @@ def main() -> None:
                     rates[name] = rate
                     results.setdefault((workload.name, name), []).append((rate, cpu))
                     print(
-                        f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req",
+                        f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} "
+                        f"{workload.unit:7} {cpu:8.1f} us/req",
                         flush=True,
                     )
                 for name, rate in rates.items():
@@ -377,10 +381,12 @@ def render(results, ratios, workloads, args) -> str:
         "# twistsock benchmarks",
         "",
         f"Run with `python bench/run.py --rounds {args.rounds} --seconds {args.seconds:g}` on "
-        f"{platform.node() and 'this machine'}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}. Server on core {SERVER_CORE}, "
-        f"load generator (C, epoll) on core {CLIENT_CORE}; every server started fresh for every cell and primed "
-        "with one connect-and-close; medians of the rounds, spread min-max; ratios taken within a round.",
+        f"{platform.node() and 'this machine'}: {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}. Server on core {SERVER_CORE}, "
+        f"load generator (C, epoll) on core {CLIENT_CORE}; "
+        "every server started fresh for every cell and primed with one connect-and-close; "
+        "medians of the rounds, spread min-max; ratios taken within a round.",
         "",
         "| workload | server | median | spread | server CPU per request |",
         "|---|---|---|---|---|",
@@ -392,13 +398,15 @@ def render(results, ratios, workloads, args) -> str:
         cpu = statistics.median(v[1] for v in values)
         cpuText = f"{cpu:.1f} us" if cpu else ""
         lines.append(
-            f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | {min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |"
+            f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | "
+            f"{min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |"
         )
     lines += ["", "| workload | ratio | median | spread |", "|---|---|---|---|"]
     for (workload, pair), values in ratios.items():
         if pair.split("/")[0].startswith(("twistsock", "twisted")):
             lines.append(
-                f"| {workload} | {pair} | {statistics.median(values):.2f}x | {min(values):.2f} - {max(values):.2f} |"
+                f"| {workload} | {pair} | {statistics.median(values):.2f}x | "
+                f"{min(values):.2f} - {max(values):.2f} |"
             )
     return "\n".join(lines) + "\n"
 

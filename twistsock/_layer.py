@@ -1,4 +1,7 @@
-"""A protocol that sits between a transport and another protocol, and is that protocol's transport."""
+"""
+A protocol that sits between a transport and another protocol, and is that
+protocol's transport.
+"""
 
 from __future__ import annotations
 

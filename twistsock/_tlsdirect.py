@@ -22,7 +22,9 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from ._direct import canWriteDirectly, writeDirectly
 
-try:  # pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's crypto module uses it too)
+# pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's
+# crypto module uses it too).
+try:
     from OpenSSL.SSL import _ffi, _lib
 
     _memoryBIOSize = _lib.BIO_get_mem_data

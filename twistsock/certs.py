@@ -70,7 +70,8 @@ def generate(
     directory = Path(directory)
     if not 1 <= days <= MAX_DAYS:
         raise ValueError(
-            f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)"
+            f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less "
+            "than 366)"
         )
     allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *(hostName(n) for n in names)]))
     paths = [directory / name for name in FILES]
@@ -173,7 +174,8 @@ def hostName(name: str, *, wildcard: bool = True, scoped: bool = False) -> str:
             )
         return str(address)
     refused = ValueError(
-        f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address"
+        f"{name!r} is neither a host name (letters, digits and hyphens in labels between "
+        "dots) nor an IP address"
     )
     labels = text.rstrip(".").split(".")
     star = wildcard and labels[0] == "*" and len(labels) > 1

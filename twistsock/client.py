@@ -133,13 +133,19 @@ class CertificateError(ClientError):
 
 
 class TLSFailed(ClientError):
-    """The TLS handshake failed otherwise: e.g. the server refused our certificate or TLS version."""
+    """
+    The TLS handshake failed otherwise: e.g. the server refused our certificate
+    or TLS version.
+    """
 
     exitStatus = 7
 
 
 class ServerError(ClientError):
-    """The server answered with an error (C{error: line longer than 65536 bytes}); C{reply} holds its line."""
+    """
+    The server answered with an error (C{error: line longer than 65536 bytes});
+    C{reply} holds its line.
+    """
 
     exitStatus = 8
 
@@ -286,7 +292,8 @@ def udp(
         family == socket.AF_INET and isIPv6Address(host)
     ):
         raise ValueError(
-            f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and IPv{6 if family == socket.AF_INET6 else 4} only was asked for"
+            f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and "
+            f"IPv{6 if family == socket.AF_INET6 else 4} only was asked for"
         )
     limit = (
         MAX_DATAGRAM6
@@ -314,8 +321,9 @@ def _silentServer(reason: Failure) -> Failure:
     """A UDP timeout: say why a server may not answer."""
     if reason.check(Timeout):
         raise Timeout(
-            f"{reason.value}: no reply (sink never answers: send without waiting for one; twistsock's servers send no "
-            "reply larger than its request, so ack answers only datagrams of 18 bytes or more; a rate limit drops replies too)"
+            f"{reason.value}: no reply (sink never answers: send without waiting for one; "
+            "twistsock's servers send no reply larger than its request, so ack answers only "
+            "datagrams of 18 bytes or more; a rate limit drops replies too)"
         )
     return reason
 
@@ -394,7 +402,8 @@ class _DatagramExchange(DatagramProtocol):
     def start(self, address: str) -> defer.Deferred[bytes]:
         if ":" not in address and len(self.data) > MAX_DATAGRAM:  # a name that resolved to IPv4
             raise ValueError(
-                f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} bytes, not {len(self.data)}"
+                f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} "
+                f"bytes, not {len(self.data)}"
             )
         interface = "::" if ":" in address else "0.0.0.0"
         self.port = self.reactor.listenUDP(
@@ -470,7 +479,8 @@ class _Reporting(Protocol):
             else None
         )
         log.debug(
-            "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by {issuer}",
+            "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by "
+            "{issuer}",
             version=handle.get_protocol_version_name(),
             cipher=handle.get_cipher_name(),
             group=_group(handle),
@@ -553,7 +563,10 @@ class _Exchange(_Reporting):
     _answered = False
 
     def answeredWithTLS(self, chunk: bytes) -> bool:
-        """Whether the server's first bytes are TLS though we spoke plain (then the exchange fails, saying so)."""
+        """
+        Whether the server's first bytes are TLS though we spoke plain (then
+        the exchange fails, saying so).
+        """
         if self._answered:
             return False
         self._answered = True
@@ -625,12 +638,14 @@ class _Echo(_Exchange):
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
             at = start + next(
-                (i for i, (a, b) in enumerate(zip(expected, chunk, strict=False)) if a != b), len(expected)
+                (i for i, (a, b) in enumerate(zip(expected, chunk, strict=False)) if a != b),
+                len(expected),
             )
             if at >= len(self.data):
                 self.fail(
                     EchoMismatch(
-                        f"echo mismatch: {end - len(self.data)} bytes more came back than the {len(self.data)} sent"
+                        f"echo mismatch: {end - len(self.data)} bytes more came back than the "
+                        f"{len(self.data)} sent"
                     )
                 )
             else:
@@ -644,7 +659,8 @@ class _Echo(_Exchange):
         if reason.check(error.ConnectionDone):
             self.fail(
                 EchoMismatch(
-                    f"echo mismatch: the server closed after {self.received} of {len(self.data)} bytes came back"
+                    f"echo mismatch: the server closed after {self.received} of "
+                    f"{len(self.data)} bytes came back"
                 )
             )
         else:
@@ -748,10 +764,10 @@ def endpoint(
 ) -> IStreamClientEndpoint:
     """
     The client endpoint for a target.  C{family} (C{socket.AF_INET} or
-    C{AF_INET6}; 0 for either) restricts a TCP or TLS target to IPv4 or IPv6.  A C{tls:HOST:PORT} target verifies the
-    server's certificate and name against the CA certificates in the file
-    C{ca} (else the platform's trust store) and presents the key and
-    certificate in the file C{cert}, if given.
+    C{AF_INET6}; 0 for either) restricts a TCP or TLS target to IPv4 or IPv6.
+    A C{tls:HOST:PORT} target verifies the server's certificate and name
+    against the CA certificates in the file C{ca} (else the platform's trust
+    store) and presents the key and certificate in the file C{cert}, if given.
 
     @raise ValueError: malformed target, C{ca} or C{cert} without C{tls:}, or
         an unreadable certificate file.
@@ -760,7 +776,8 @@ def endpoint(
         from twisted.internet import reactor  # type: ignore[no-redef]
     if not (isinstance(target, (str, tuple)) or IStreamClientEndpoint.providedBy(target)):
         raise TypeError(
-            f"a target is an endpoint string, a (host, port) pair or an IStreamClientEndpoint, not {type(target).__name__}"
+            "a target is an endpoint string, a (host, port) pair or an "
+            f"IStreamClientEndpoint, not {type(target).__name__}"
         )
     if isinstance(target, tuple) and len(target) != 2:
         raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
@@ -772,11 +789,13 @@ def endpoint(
         isinstance(target, tuple) or (isinstance(target, str) and target.startswith("tcp:"))
     ):
         raise ValueError(
-            f"IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not {_describe(target)}"
+            "IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not "
+            f"{_describe(target)}"
         )
     if isinstance(target, str) and target.startswith("ssl:"):
         raise ValueError(
-            f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)"
+            f"{target!r}: ssl: targets do not check the server's certificate; use "
+            "tls:HOST:PORT (with --ca FILE for a private CA)"
         )
     if ca or cert:
         raise ValueError("a CA or client certificate needs a tls:HOST:PORT target")
@@ -859,7 +878,10 @@ def streamEndpoint(
 
 @implementer(IStreamClientEndpoint)
 class _ResolvingEndpoint:
-    """Resolve a name in a thread of its own (see L{streamEndpoint}), then connect to its first address."""
+    """
+    Resolve a name in a thread of its own (see L{streamEndpoint}), then connect
+    to its first address.
+    """
 
     def __init__(
         self,
@@ -914,7 +936,8 @@ class _ResolvingEndpoint:
             if reason.check(socket.gaierror):
                 if self.family:
                     raise UnknownHost(
-                        f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for {self.host}"
+                        f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for "
+                        f"{self.host}"
                     )
                 raise error.DNSLookupError(self.host)
             return reason
@@ -1029,7 +1052,10 @@ def _cancellable(inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
 
 class _ConnectTimeout(Exception):
-    """The connection was not made within the connect timeout (as the endpoint string may set it)."""
+    """
+    The connection was not made within the connect timeout (as the endpoint
+    string may set it).
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -1098,11 +1124,13 @@ def _hintTLS(reason: Failure, target: Target) -> Failure:
         and ("connection lost" in text.lower() or "without a reply" in text)
     ):
         raise type(e)(
-            f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)"
+            f"{text} (if the TLS handshake never finished, the server may not speak TLS: then "
+            "use tcp:HOST:PORT)"
         )
     if tlsTarget and isinstance(e, Timeout):
         raise Timeout(
-            f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)"
+            f"{text} (if the TLS handshake never finished, the port may be a plain one "
+            "waiting for a line: use tcp:HOST:PORT)"
         )
     return reason
 
@@ -1134,7 +1162,10 @@ class RelayResult:
         self.linesReceived = 0
 
     def __repr__(self) -> str:
-        return f"<RelayResult sent={self.sent} received={self.received} lines={self.linesSent}/{self.linesReceived}>"
+        return (
+            f"<RelayResult sent={self.sent} received={self.received} "
+            f"lines={self.linesSent}/{self.linesReceived}>"
+        )
 
 
 def relay(
@@ -1218,7 +1249,10 @@ def _answeredWithTLS() -> TLSFailed:
 
 
 def _looksLikeTLS(data: bytes) -> bool:
-    """Whether bytes from a server begin a TLS record (an alert or a handshake): a TLS port answering plain bytes."""
+    """
+    Whether bytes from a server begin a TLS record (an alert or a handshake): a
+    TLS port answering plain bytes.
+    """
     return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
 
 
@@ -1349,13 +1383,15 @@ class _Remote(_Reporting):
             self.result.linesSent += 1
         self.transport.unregisterProducer()
         if ISSLTransport.providedBy(self.transport):
-            self.transport.loseConnection()  # close_notify: twistsock's servers take it as a half-close
+            # close_notify: twistsock's servers take it as a half-close.
+            self.transport.loseConnection()
         else:
             self.transport.loseWriteConnection()
 
     @property
     def _endsInNewline(self) -> bool:
-        # Only the count of newlines is kept: a last line lacks one if fewer newlines than lines were seen.
+        # Only the count of newlines is kept: a last line lacks one if fewer
+        # newlines than lines were seen.
         return self._lastByte == b"\n"
 
     _lastByte = b""
@@ -1396,7 +1432,10 @@ class _Remote(_Reporting):
             at = (
                 self.result.received
                 - len(data)
-                + next((i for i, (a, b) in enumerate(zip(expected, data, strict=False)) if a != b), len(expected))
+                + next(
+                    (i for i, (a, b) in enumerate(zip(expected, data, strict=False)) if a != b),
+                    len(expected),
+                )
             )
             self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
             return
@@ -1472,13 +1511,15 @@ class _Remote(_Reporting):
             # Closed, or reset for the bytes it did not read: either way, not delivered.
             how = "" if clean else f"; {errorText(reason.value)}"
             failure = ConnectionFailed(
-                f"the server closed before it had read everything ({self.result.sent} bytes of standard input sent so far{how})"
+                f"the server closed before it had read everything ({self.result.sent} bytes "
+                f"of standard input sent so far{how})"
             )
         if failure is None and not clean:
             failure = _lost(reason)
         if failure is None and self.mode == "echo" and self.pending:
             failure = EchoMismatch(
-                f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back"
+                f"echo mismatch: the server closed after {self.result.received} of "
+                f"{self.result.sent} bytes came back"
             )
         if (
             failure is None
@@ -1489,7 +1530,8 @@ class _Remote(_Reporting):
                 ConnectionFailed("the server closed the connection without a reply")
                 if not self.result.received
                 else ConnectionFailed(
-                    f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
+                    f"the server closed after answering {self.result.linesReceived} of "
+                    f"{self.result.linesSent} lines "
                     "(it answers one line per connection unless started with --keep-open)"
                 )
             )
@@ -1509,7 +1551,9 @@ class _Remote(_Reporting):
         if terminal is None or terminal.disconnected:
             self._fire()
         elif self._outputGone:
-            terminal.loseConnection()  # stops reading standard input; with no output left, nothing calls back
+            # Stops reading standard input; with no output left, nothing calls
+            # back.
+            terminal.loseConnection()
             self._fire()
         else:
             terminal.loseConnection()  # flushes standard output, then terminalClosed

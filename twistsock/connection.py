@@ -44,7 +44,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_LINE_TIMEOUT = 10.0
 #: Seconds a connection to a proxy: endpoint has to send its PROXY header, from accept.
 DEFAULT_PROXY_TIMEOUT = 5.0
-#: Per-peer limits count IPv4 clients by address and IPv6 clients by /64 (what one client usually owns).
+#: Per-peer limits count IPv4 clients by address and IPv6 clients by /64 (what
+#: one client usually owns).
 DEFAULT_PEER_PREFIXES = (32, 64)
 #: Connections served at once, over all listening ports.
 DEFAULT_MAX_CONNECTIONS = 10000
@@ -86,7 +87,10 @@ _SYSTEMD = {"INET": "tcp", "INET6": "tcp6", "UNIX": "unix"}
 
 
 def unwrap(endpoint: str) -> tuple[list[str], str, str]:
-    """Split C{proxy:ssl:443:...} into its PROXY wrappers, the inner type, and that type's arguments."""
+    """
+    Split C{proxy:ssl:443:...} into its PROXY wrappers, the inner type, and
+    that type's arguments.
+    """
     wrappers = []
     kind, _, rest = endpoint.partition(":")
     while kind in ("proxy", "haproxy") and rest:
@@ -266,7 +270,8 @@ class Connections:
         connection.peerKey = peer
         return None
 
-    #: Seconds without a refusal that end a burst of them; seconds between two summaries while one lasts.
+    #: Seconds without a refusal that end a burst of them; seconds between two
+    #: summaries while one lasts.
     BURST_QUIET = 1.0
     BURST_SUMMARY = 10.0
 
@@ -399,7 +404,8 @@ class ConnectionFactory(Factory):
         )
         self.handshakeTimeout = handshakeTimeout
         self._hosts: dict[Any, Any] = {}
-        # Per listening port: its address if every connection's local address is that one, else None.
+        # Per listening port: its address if every connection's local address
+        # is that one, else None.
         self._portHosts: dict[Any, Any] = {}
 
     def localAddress(self, transport: Any) -> Any:
@@ -472,7 +478,10 @@ def networkKey(address: str, prefixes: tuple[int, int] = DEFAULT_PEER_PREFIXES) 
 
 
 def _fixedAddress(port: Any) -> Any:
-    """A listening port's address, if all its connections have it as their local address (None if unknown)."""
+    """
+    A listening port's address, if all its connections have it as their local
+    address (None if unknown).
+    """
     try:
         address = port.getHost()
     except Exception:
@@ -518,7 +527,8 @@ class Connection(Layer):
     clientSubject: str | None = None
     #: Counted by the limits (from accept on, beneath a PROXY header).
     admitted = False
-    #: The tick at which the stage in progress (a PROXY header, a line) is late; None if none is timed.
+    #: The tick at which the stage in progress (a PROXY header, a line) is
+    #: late; None if none is timed.
     due: int | None = None
     _stage: str | None = None
     #: Whether the service was connected (and so must hear of the end).
@@ -721,7 +731,8 @@ class Connection(Layer):
         logs.record(
             self.log,
             record=(
-                f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: {self.why} after {duration:.3f} s, "
+                f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: "
+                f"{self.why} after {duration:.3f} s, "
                 f"{self.bytesIn} bytes in, {self.bytesOut} bytes out{extra}"
             ),
             service=factory.serviceName,

@@ -1,9 +1,10 @@
 """
 C{[SERVICE@]ENDPOINT} to a listening service.
 
-ENDPOINT is any Twisted server endpoint string, or C{udp:PORT[:interface=ADDR]}.  The service name is the text
-before C{@}, when the text before the first C{:} contains one; otherwise the
-service is C{echo}.
+ENDPOINT is any Twisted server endpoint string, or
+C{udp:PORT[:interface=ADDR]}.  The service name is the text before C{@}, when
+the text before the first C{:} contains one; otherwise the service is
+C{echo}.
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def checkEndpoint(endpoint: str) -> None:
     except Exception as e:  # every parser error is a usage error here
         hint = ""
         if kind == "systemd" and "LISTEN_FDNAMES" not in os.environ:
-            hint = " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
+            hint = (
+                " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. "
+                "FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
+            )
         raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
 
 
@@ -122,7 +126,8 @@ def _checkWrappers(endpoint: str) -> None:
     inner = ":".join(parts[len(names) :])
     if "haproxy" in names:
         raise ValueError(
-            f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{inner}"
+            f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a "
+            f"half-close); use proxy:{inner}"
         )
     if len(names) > 1:
         raise ValueError(f"{endpoint!r}: one PROXY header per connection: use proxy:{inner}")
@@ -216,7 +221,10 @@ class ListeningService(Service):
             return port
 
         def failed(reason: Failure) -> None:
-            message = f"cannot listen on {self.spec.endpoint} ({self.spec.service}): {errorText(reason.value)}"
+            message = (
+                f"cannot listen on {self.spec.endpoint} ({self.spec.service}): "
+                f"{errorText(reason.value)}"
+            )
             if starting:
                 failedNow.append(message)
             else:
@@ -326,7 +334,10 @@ class SocketsService(MultiService):
     _limitChecked = False
 
     def _raiseOpenFileLimit(self) -> None:
-        """Every connection is a descriptor: allow as many as the hard limit does, and say if that is fewer than --max-connections."""
+        """
+        Every connection is a descriptor: allow as many as the hard limit does,
+        and say if that is fewer than --max-connections.
+        """
         if self._limitChecked:
             return
         self._limitChecked = True
@@ -339,7 +350,8 @@ class SocketsService(MultiService):
         if wanted and wanted + 64 > after:
             self.log.warn(
                 "the open-file limit ({limit}) is below --max-connections {wanted}: "
-                "connections beyond about {usable} will be refused (raise LimitNOFILE= or ulimit -n)",
+                "connections beyond about {usable} will be refused (raise LimitNOFILE= or "
+                "ulimit -n)",
                 limit=after,
                 wanted=wanted,
                 usable=max(0, after - 64),

@@ -143,7 +143,10 @@ class _Health(Resource):
 
 
 def _head(body: bytes, request: Any) -> bytes:
-    """A HEAD answer: GET's headers and length, no body (else Twisted logs a warning per request)."""
+    """
+    A HEAD answer: GET's headers and length, no body (else Twisted logs a
+    warning per request).
+    """
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return b""
 
@@ -193,7 +196,10 @@ class _MetricsChannel(HTTPChannel):
         """Data does not push the deadline back (Twisted's channel resets it on every read)."""
 
     def timeoutConnection(self) -> None:
-        """Close at the deadline, without Twisted's log line for each: an idle scraper's connection between two scrapes is not news."""
+        """
+        Close at the deadline, without Twisted's log line for each: an idle
+        scraper's connection between two scrapes is not news.
+        """
         self.loseConnection()
         self._lateAbort = self.callLater(self.abortTimeout, self.transport.abortConnection)
 
@@ -223,7 +229,9 @@ class _MetricsChannel(HTTPChannel):
         reason = _REASONS[code]
         body = b"" if getattr(self, "_command", None) == b"HEAD" else b"%d %s\n" % (code, reason)
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\n%sContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            b"HTTP/1.1 %d %s\r\n%s"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (code, reason, headers, len(body), body)
         )
         self.loseConnection()
@@ -280,7 +288,8 @@ class _SiteCollector:
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "twistsock_metrics_connections_refused",
-            "Connections to the metrics endpoint closed at once because as many as allowed were open.",
+            "Connections to the metrics endpoint closed at once because as many as allowed "
+            "were open.",
             value=self.site.refusedConnections,
         )
 

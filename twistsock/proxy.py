@@ -275,7 +275,10 @@ class ProxyHeaderProtocol(Layer):
 
 
 def _connectionAbove(protocol: Any) -> Any:
-    """twistsock's connection layer in the stack above a header reader (through TLS), if there is one."""
+    """
+    twistsock's connection layer in the stack above a header reader (through
+    TLS), if there is one.
+    """
     for _ in range(4):
         if protocol is None or callable(getattr(type(protocol), "acceptedBeneath", None)):
             return protocol

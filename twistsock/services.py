@@ -57,7 +57,10 @@ class StreamService(Protocol):
 
     @property
     def config(self) -> ServiceConfig:
-        """The settings of this connection's service (the factory's, held once for all its connections)."""
+        """
+        The settings of this connection's service (the factory's, held once for
+        all its connections).
+        """
         return self.factory.config if self.factory is not None else _DEFAULT_CONFIG
 
     def connectionMade(self) -> None:
@@ -148,7 +151,10 @@ class LineService(StreamService):
     lines = 0
 
     def lineWaiting(self) -> bool:
-        """Whether part of a line has arrived and waits for the rest (what a line deadline times)."""
+        """
+        Whether part of a line has arrived and waits for the rest (what a line
+        deadline times).
+        """
         return not self._done and bool(self._buffer)
 
     def keepOpen(self) -> bool:

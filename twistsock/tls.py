@@ -154,7 +154,10 @@ def privateCertificate(privateKey: str, certKey: str | None = None) -> ssl.Priva
 
 @dataclass(frozen=True)
 class Identity:
-    """A private key, its certificate, and the certificates that chain it to a root (never the root)."""
+    """
+    A private key, its certificate, and the certificates that chain it to a
+    root (never the root).
+    """
 
     key: Any  # a cryptography private key
     certificate: x509.Certificate
@@ -205,7 +208,8 @@ def loadIdentity(
         context.check_privatekey()
     except SSL.Error:
         raise ValueError(
-            f"the private key in {privateKey} is not the key of the certificate in {certKey or privateKey}"
+            f"the private key in {privateKey} is not the key of the certificate in "
+            f"{certKey or privateKey}"
         ) from None
     return identity
 
@@ -478,7 +482,8 @@ def mtlsServer(
     for ca in cas:
         if not _selfSigned(ca) and not _isCA(ca):
             raise ValueError(
-                f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA certificate: clientCA names the CA that signed the clients' certificates"
+                f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA "
+                "certificate: clientCA names the CA that signed the clients' certificates"
             )
     context = serverContext(loadIdentity(privateKey, certKey, extraCertChain), profile, cas)
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
@@ -588,10 +593,16 @@ class ClientTLS:
         try:
             verify_service_identity(extract_patterns(certificate.to_cryptography()), [self._id], [])
         except NoNames:
-            return f"the certificate has no subjectAltName, so it is for no host name (its subject, {_subject(certificate)}, does not count); not for {host}"
+            return (
+                "the certificate has no subjectAltName, so it is for no host name (its subject, "
+                f"{_subject(certificate)}, does not count); not for {host}"
+            )
         except VerificationError:
             names = _sanNames(certificate)
-            return f"the certificate is for {', '.join(names[:8]) + (', ...' if len(names) > 8 else '')}, not {host}"
+            return (
+                "the certificate is for "
+                f"{', '.join(names[:8]) + (', ...' if len(names) > 8 else '')}, not {host}"
+            )
         return None
 
 

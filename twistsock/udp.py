@@ -391,7 +391,10 @@ def _pktinfo(family: int, destination: bytes) -> list:
 
 
 class DatagramEndpoint:
-    """C{udp:PORT[:interface=ADDR]}: listen() takes a L{DatagramServer}, like a stream endpoint takes a factory."""
+    """
+    C{udp:PORT[:interface=ADDR]}: listen() takes a L{DatagramServer}, like a
+    stream endpoint takes a factory.
+    """
 
     def __init__(
         self, reactor: Any, port: int, interface: str, summaryInterval: float = 60.0

@@ -94,7 +94,8 @@ class AdoptingReactor:
         return self._adopt(factory)
 
     def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
-        # The caller closes its fileDescriptor (IReactorSocket's contract): if it is ours, once is enough.
+        # The caller closes its fileDescriptor (IReactorSocket's contract): if
+        # it is ours, once is enough.
         return self._adopt(factory, closeInherited=fileDescriptor != self.fd)
 
 
