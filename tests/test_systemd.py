@@ -19,7 +19,10 @@ UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 
 
 def activated(port: int, fdname: str | None, command: list[str]):
-    """`command` under systemd-socket-activate, which holds 127.0.0.1:port and starts it on the first connection."""
+    """
+    `command` under systemd-socket-activate, which holds 127.0.0.1:port and
+    starts it on the first connection.
+    """
     tool = requireTool("systemd-socket-activate")
     names = [f"--fdname={fdname}"] if fdname else []
     return spawn([tool, "-l", f"127.0.0.1:{port}", *names, *command])
