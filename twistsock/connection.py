@@ -17,13 +17,13 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +32,11 @@ from zope.interface import implementer
 from . import logs
 from ._format import describe, errorText, oneLine
 from ._layer import Layer
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+
+    from .services import LineService
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -383,7 +388,7 @@ class ConnectionFactory(Factory):
 
     def __init__(
         self,
-        service: IProtocolFactory,
+        service: Factory[Any],
         transport: TransportInfo,
         *,
         connections: Connections | None = None,
@@ -566,7 +571,7 @@ class Connection(Layer):
     #: No record: a load balancer's health check (connected, closed, sent nothing).
     _quiet = False
 
-    def lostBeforeHeader(self, reason: Failure | None, received: int) -> None:
+    def lostBeforeHeader(self, reason: Failure, received: int) -> None:
         """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
         if self.why is None and not received:
             self._quiet = True  # HAProxy's TCP check: connect, close (or reset), not a byte
@@ -615,7 +620,10 @@ class Connection(Layer):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        certificate = self.transport.getPeerCertificate()
+        # Only TLS connections are told of a handshake.  ISSLTransport says
+        # getPeerCertificate returns an object: pyOpenSSL's X509, or None.
+        transport = cast(ISSLTransport, self.transport)
+        certificate = cast("X509 | None", transport.getPeerCertificate())
         if certificate is not None:
             # A subject may hold any character, newlines included: one line, escaped.
             self.clientSubject = oneLine(certificate.to_cryptography().subject.rfc4514_string())
@@ -647,7 +655,7 @@ class Connection(Layer):
             return
         # A line is timed from its first byte: a new one starts when none was
         # waiting, or when this read completed one and left the start of another.
-        service = self.wrapped
+        service = cast("LineService", self.wrapped)  # factory.timesLines said so
         before = service.lines
         service.dataReceived(data)
         if not service.lineWaiting():
@@ -686,7 +694,7 @@ class Connection(Layer):
         self._ended(SERVICE_CLOSED)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None

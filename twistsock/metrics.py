@@ -18,12 +18,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.internet.protocol import Protocol
-from twisted.web.http import HTTPChannel
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import logs
+from ._types import IStreamTransport
 from .connection import Connections
 from .udp import OUTCOMES, DatagramServer
 
@@ -185,6 +187,7 @@ class _MetricsChannel(HTTPChannel):
     totalHeadersSize = 16384  # request line and headers together
     maxHeaders = 64
     site: MetricsSite
+    transport: IStreamTransport
     _rejected = False
     _lateAbort = None
 
@@ -236,7 +239,7 @@ class _MetricsChannel(HTTPChannel):
         )
         self.loseConnection()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.openConnections -= 1
         if self._lateAbort is not None and self._lateAbort.active():
             self._lateAbort.cancel()
@@ -245,6 +248,8 @@ class _MetricsChannel(HTTPChannel):
 
 class _Refused(Protocol):
     """A connection over the limit: closed as it is accepted."""
+
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -257,7 +262,10 @@ class MetricsSite(Site):
     accepted, and counted in C{refusedConnections}.
     """
 
-    protocol = _MetricsChannel
+    # HTTPFactory types its protocol as Twisted's generic channel wrapper;
+    # setting an HTTPChannel subclass is how Twisted documents a custom one.
+    protocol = _MetricsChannel  # type: ignore[assignment]
+    noisy = False
     openConnections = 0
     refusedConnections = 0
 
@@ -272,11 +280,16 @@ class MetricsSite(Site):
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.maxConnections = maxConnections
 
-    def buildProtocol(self, addr: object) -> Protocol:
+    # HTTPFactory says it builds only its generic channel wrapper; a factory
+    # may build any protocol, and this one builds _Refused too.
+    def buildProtocol(self, addr: object) -> Protocol:  # type: ignore[override]
         if self.openConnections >= self.maxConnections:
             self.refusedConnections += 1
             return _Refused()
         return super().buildProtocol(addr)
+
+    def log(self, request: Request) -> None:
+        """Scrapes are not worth a log line each."""
 
 
 class _SiteCollector:
@@ -314,6 +327,4 @@ def metricsSite(
     root.putChild(b"healthz", _Health(healthy))
     site = MetricsSite(root, timeout=timeout, maxConnections=maxConnections, reactor=reactor)
     registry.register(_SiteCollector(site))
-    site.noisy = False
-    site.log = lambda request: None  # scrapes are not worth a log line each
     return site

@@ -277,6 +277,7 @@ def serverContext(
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if clientCAs:
         store = context.get_cert_store()
+        assert store is not None  # a new context has its store
         for ca in clientCAs:
             store.add_cert(crypto.X509.from_cryptography(ca))
             context.add_client_ca(ca)
@@ -503,7 +504,9 @@ class MutualTLSServerParser:
 
     prefix = "mtls"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> IStreamServerEndpoint:
+    # The pieces are strings; Any, as in Twisted's own tls: parser, because
+    # the interface types them as objects.
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamServerEndpoint:
         return mtlsServer(reactor, *args, **kwargs)
 
 
@@ -546,6 +549,7 @@ class ClientTLS:
             context.set_default_verify_paths()
         else:
             store = context.get_cert_store()
+            assert store is not None  # a new context has its store
             for certificate in trust:
                 store.add_cert(crypto.X509.from_cryptography(certificate))
         if identity is not None:
@@ -568,6 +572,7 @@ class ClientTLS:
     ) -> bool:
         # Raising makes OpenSSL refuse the certificate (and send its alert);
         # pyOpenSSL raises the exception again from the handshake.
+        why: str | None
         try:
             if not ok and error in _NAME_MISMATCH:
                 why = self._nameMismatch(certificate) or verifyErrorText(error)
