@@ -103,6 +103,7 @@ class AcceptErrors:
         self._check = self.reactor.callLater(QUIET, self._maybeEnded)
 
     def _maybeEnded(self) -> None:
+        assert self.started is not None  # set by the burst that scheduled this
         now = self.reactor.seconds()
         if now - self.last < QUIET:
             self._check = self.reactor.callLater(QUIET - (now - self.last), self._maybeEnded)

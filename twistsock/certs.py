@@ -129,7 +129,7 @@ def generate(
             paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600),
         }
     )
-    return Generated(*paths, names=allNames)
+    return Generated(paths[0], paths[1], paths[2], names=allNames)
 
 
 def _builder(
@@ -168,7 +168,7 @@ def hostName(name: str, *, wildcard: bool = True, scoped: bool = False) -> str:
     except ValueError:
         pass
     else:
-        if getattr(address, "scope_id", None) and not scoped:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id and not scoped:
             raise ValueError(
                 f"{name!r}: a certificate cannot name an address with a scope (%{address.scope_id})"
             )
