@@ -15,11 +15,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -156,6 +158,15 @@ class _ParseOnlyReactor:
         raise AttributeError(f"endpoint parsers only store the reactor; {name} used while parsing")
 
 
+class Endpoint(Protocol):
+    """
+    What a L{ListeningService} listens on: a stream server endpoint, given a
+    protocol factory, or a L{DatagramEndpoint}, given a L{DatagramServer}.
+    """
+
+    def listen(self, factory: Any, /) -> Deferred[IListeningPort]: ...
+
+
 class ListenFailed(Exception):
     """A listening service could not listen; the message is one line for the user."""
 
@@ -178,8 +189,8 @@ class ListeningService(Service):
     def __init__(
         self,
         spec: ListenSpec,
-        endpoint: IStreamServerEndpoint,
-        factory: IProtocolFactory,
+        endpoint: Endpoint,
+        factory: IProtocolFactory | DatagramServer,
         onFailure: Callable[[str], None],
         worker: int | None = None,
     ) -> None:
@@ -188,7 +199,8 @@ class ListeningService(Service):
         self.endpoint = endpoint
         self.factory = factory
         self.onFailure = onFailure
-        self._listening: Deferred[IListeningPort] | None = None
+        #: The port, or None if listening failed.
+        self._listening: Deferred[IListeningPort | None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -197,7 +209,7 @@ class ListeningService(Service):
         failedNow: list[str] = []
         starting = True
 
-        def listening(port: IListeningPort) -> IListeningPort:
+        def listening(port: IListeningPort) -> IListeningPort | None:
             self.port = port
             useDirectTLS(port)
             connections = getattr(self.factory, "connections", None)
@@ -220,7 +232,7 @@ class ListeningService(Service):
             )
             return port
 
-        def failed(reason: Failure) -> None:
+        def failed(reason: Failure) -> IListeningPort | None:
             message = (
                 f"cannot listen on {self.spec.endpoint} ({self.spec.service}): "
                 f"{errorText(reason.value)}"
@@ -229,6 +241,7 @@ class ListeningService(Service):
                 failedNow.append(message)
             else:
                 self.onFailure(message)
+            return None
 
         self._listening = self.endpoint.listen(self.factory).addCallbacks(listening, failed)
         starting = False
@@ -248,7 +261,7 @@ class ListeningService(Service):
             return None
         listening.cancel()
 
-        def stop(port: IListeningPort | None) -> object:
+        def stop(port: IListeningPort | None) -> Deferred[None] | None:
             return port.stopListening() if port is not None else None
 
         return listening.addCallback(stop)
@@ -304,7 +317,7 @@ class SocketsService(MultiService):
         return tallies(self.connections, datagrams)
 
     def healthy(self) -> bool:
-        return self.running and not self.connections.draining
+        return bool(self.running) and not self.connections.draining
 
     def privilegedStartService(self) -> None:
         self._raiseOpenFileLimit()
@@ -326,10 +339,11 @@ class SocketsService(MultiService):
         summarizeDatagrams()
         ports = [c for c in reversed(list(self)) if c is not self.metrics]
         stopped = defer.DeferredList([defer.maybeDeferred(c.stopService) for c in ports])
-        stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
-        if self.metrics is not None:
-            stopped.addCallback(lambda _: self.metrics.stopService())
-        return stopped.addCallback(lambda _: None)
+        drained = stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
+        metrics = self.metrics
+        if metrics is not None:
+            drained.addCallback(lambda _: metrics.stopService())
+        return drained.addCallback(lambda _: None)
 
     _limitChecked = False
 
@@ -426,10 +440,12 @@ def firstSignalOnly() -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    first = []
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    first: list[int] = []
+    handlers: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {
+        number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)
+    }
 
-    def once(number: int, frame: object) -> None:
+    def once(number: int, frame: FrameType | None) -> None:
         if not first:
             first.append(number)
             handler = handlers[number]
@@ -477,7 +493,9 @@ def listeningService(
     reactor = running
     if isUDP(spec):
         port, interface = parseUDP(spec.endpoint)
-        endpoint = DatagramEndpoint(reactor, port, interface or defaultInterface(), summaryInterval)
+        endpoint: Endpoint = DatagramEndpoint(
+            reactor, port, interface or defaultInterface(), summaryInterval
+        )
         server = DatagramServer(
             spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds
         )

@@ -196,7 +196,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"]: list[ListenSpec] = []
+        listen: list[ListenSpec] = []  # one for every --listen
+        self["listen"] = listen
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -329,6 +330,7 @@ def makeService(options: Options) -> IService:
     )
     shared = dict(connections=connections, drainTimeout=options["drain-timeout"])
     worker = options["worker"]
+    root: SocketsService
     if worker is not None:
         index, held, report = worker
         root = workers.WorkerService(index, report, **shared)

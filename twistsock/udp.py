@@ -410,10 +410,10 @@ class DatagramEndpoint:
         self.interface = interface
         self.summaryInterval = summaryInterval
 
-    def listen(self, server: DatagramServer) -> defer.Deferred[DatagramPort]:
+    def listen(self, server: DatagramServer) -> defer.Deferred[IListeningPort]:
         port = DatagramPort(self.reactor, self.port, self.interface, server, self.summaryInterval)
 
-        def start() -> DatagramPort:
+        def start() -> IListeningPort:
             port.startListening()
             return port
 
