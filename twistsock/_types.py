@@ -5,10 +5,10 @@ Twisted's annotations do not say.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISystemHandle, ITCPTransport
 
 
-class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer, ISystemHandle):
     """
     A connected stream transport as twistsock's protocols see it, from
     C{connectionMade} on.  Twisted's TCP, UNIX and TLS transports, and

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar, cast
 
 from twisted.internet import defer, task
 
@@ -42,6 +43,8 @@ _EPILOG = (
     + "\n".join(f"  {status:>3}  {meaning}" for status, meaning in EXIT_STATUSES.items())
 )
 
+_T = TypeVar("_T")
+
 # An endpoint string starts with its type name and a colon: "tcp:", "unix:".
 _ENDPOINT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*:")
 
@@ -52,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
     not 2: 2 is "unknown host".
     """
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(64, f"{self.prog}: error: {message} ({self.prog} --help shows the usage)\n")
 
 
@@ -291,7 +294,7 @@ def _days(text: str) -> int:
     return value
 
 
-def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
+def splitTarget(words: Sequence[str]) -> tuple[str | tuple[str, int], list[str]]:
     """
     Split C{TARGET [MESSAGE...]} or C{HOST PORT [MESSAGE...]}.
 
@@ -369,7 +372,7 @@ def _verbose() -> None:
     import atexit
     import time
 
-    from twisted.logger import formatEvent, globalLogBeginner
+    from twisted.logger import ILogObserver, formatEvent, globalLogBeginner
 
     started = time.monotonic()
 
@@ -378,7 +381,10 @@ def _verbose() -> None:
             sys.stderr.write(f"twistsock: {formatEvent(event)}\n")
             sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([show], discardBuffer=True, redirectStandardIO=False)
+    # Any callable is an observer, though Twisted annotates them as ILogObserver.
+    globalLogBeginner.beginLoggingTo(
+        [cast(ILogObserver, show)], discardBuffer=True, redirectStandardIO=False
+    )
     atexit.register(
         lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n")
     )
@@ -462,7 +468,12 @@ def _react(
     finished: list[bool] = []
     interrupted: list[bool] = []
     exchange = defer.maybeDeferred(run, reactor)
-    exchange.addBoth(lambda result: finished.append(True) or result)
+
+    def finish(result: _T) -> _T:
+        finished.append(True)
+        return result
+
+    exchange.addBoth(finish)
 
     def shutdown() -> None:
         # SIGINT or SIGTERM stops the reactor: end the exchange, wherever it is.

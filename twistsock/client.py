@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union, cast, overload
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
+from twisted.internet import udp as _udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -42,19 +43,26 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IPushProducer,
     IReactorTime,
     IResolutionReceiver,
     ISSLTransport,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from . import tls
 from ._format import describe, errorText, oneLine, printable, splitHostTarget
+from ._types import IStreamTransport
 from .certs import hostName
+
+if TYPE_CHECKING:
+    # What twisted.internet.stdio.StandardIO is on POSIX; the type checker
+    # sees the Windows one (stdio chooses with platform.isWindows()).
+    from twisted.internet._posixstdio import StandardIO as _StandardIO
 
 __all__ = [
     "Target",
@@ -265,6 +273,45 @@ MAX_DATAGRAM = 65507
 MAX_DATAGRAM6 = 65527
 
 
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: Literal[True] = ...,
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[bytes]: ...
+
+
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: Literal[False],
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[None]: ...
+
+
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: bool,
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[bytes | None]: ...
+
+
 def udp(
     target: str | tuple[str, int],
     data: bytes,
@@ -274,7 +321,7 @@ def udp(
     reply: bool = True,
     family: int = 0,
     reactor: Any = None,
-) -> defer.Deferred[bytes | None]:
+) -> defer.Deferred[Any]:  # the overloads above say which
     """
     Send one datagram and fire with the first reply (seed 002's UDP client).
     The datagram is sent again C{retries} times, evenly within C{timeout}, if
@@ -286,7 +333,7 @@ def udp(
     """
     data = _check(data, "data", timeout)
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     host, port = udpTarget(target)
     if (family == socket.AF_INET6 and isIPAddress(host)) or (
         family == socket.AF_INET and isIPv6Address(host)
@@ -377,7 +424,11 @@ def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Defer
 
     from twisted.internet.address import IPv4Address, IPv6Address
 
-    types = {socket.AF_INET: [IPv4Address], socket.AF_INET6: [IPv6Address]}.get(family)
+    byFamily: dict[int, list[type]] = {
+        socket.AF_INET: [IPv4Address],
+        socket.AF_INET6: [IPv6Address],
+    }
+    types = byFamily.get(family)
     reactor.nameResolver.resolveHostName(
         Receiver(), host, port, addressTypes=types, transportSemantics="UDP"
     )
@@ -386,6 +437,11 @@ def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Defer
 
 class _DatagramExchange(DatagramProtocol):
     """Send a datagram every C{interval} seconds, C{attempts} times, until a reply comes."""
+
+    #: A connected UDP port: Twisted's udp.Port, whose write needs no address.
+    transport: _udp.Port | None
+    #: The port to send to; set by L{udp} before L{start}.
+    peerPort: int
 
     def __init__(
         self, reactor: Any, data: bytes, interval: float, attempts: int, reply: bool = True
@@ -397,9 +453,9 @@ class _DatagramExchange(DatagramProtocol):
         self.attempts = attempts
         self.port: Any = None
         self._resend: Any = None
-        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.done: defer.Deferred[bytes | None] = defer.Deferred()
 
-    def start(self, address: str) -> defer.Deferred[bytes]:
+    def start(self, address: str) -> defer.Deferred[bytes | None]:
         if ":" not in address and len(self.data) > MAX_DATAGRAM:  # a name that resolved to IPv4
             raise ValueError(
                 f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} "
@@ -409,6 +465,7 @@ class _DatagramExchange(DatagramProtocol):
         self.port = self.reactor.listenUDP(
             0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024
         )
+        assert self.transport is not None  # listenUDP made the connection
         self.transport.connect(address, self.peerPort)
         self._send()
         return self.done
@@ -462,6 +519,8 @@ log = Logger(namespace="twistsock.client")
 class _Reporting(Protocol):
     """Say, at debug level, where a connection goes and what TLS it got."""
 
+    transport: IStreamTransport
+
     def makeConnection(self, transport: Any) -> None:
         _declareThrough(transport, self)
         log.debug(
@@ -472,7 +531,8 @@ class _Reporting(Protocol):
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
-        handle = self.transport.getHandle()
+        # A TLS transport's handle is its pyOpenSSL connection (ISystemHandle says object).
+        handle = cast(SSL.Connection, self.transport.getHandle())
         certificate = (
             handle.get_peer_certificate(as_cryptography=True)
             if hasattr(handle, "get_peer_certificate")
@@ -552,7 +612,7 @@ class _Exchange(_Reporting):
             self.done.errback(reason)
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if self._result is not _PENDING:
@@ -773,7 +833,7 @@ def endpoint(
         an unreadable certificate file.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     if not (isinstance(target, (str, tuple)) or IStreamClientEndpoint.providedBy(target)):
         raise TypeError(
             "a target is an endpoint string, a (host, port) pair or an "
@@ -1012,7 +1072,7 @@ def _exchange(
     family: int = 0,
 ) -> defer.Deferred:
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     where = _describe(target)
     connectTimeout = targetTimeout(target, timeout)
     d = connectProtocol(
@@ -1135,7 +1195,7 @@ def _hintTLS(reason: Failure, target: Target) -> Failure:
     return reason
 
 
-def _errno(e: BaseException) -> int | None:
+def _errno(e: BaseException | None) -> int | None:
     """The errno of a Twisted connection error (kept in C{osError}) or an OSError."""
     if isinstance(e, error.ConnectError):
         return e.osError if isinstance(e.osError, int) else getattr(e.osError, "errno", None)
@@ -1201,7 +1261,7 @@ def relay(
         raise ValueError(f"mode must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
     _check(b"", "data", timeout)
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     where = _describe(target)
     seconds = targetTimeout(target, timeout)
     remote = _Remote(mode, reactor, stdin, stdout)
@@ -1256,6 +1316,7 @@ def _looksLikeTLS(data: bytes) -> bool:
     return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
 
 
+@implementer(IPushProducer)
 class _Gate:
     """
     Standard input's producer, paused for two reasons that do not know of each
@@ -1288,6 +1349,7 @@ class _Gate:
             self.terminal.transport.loseConnection()
 
 
+@implementer(IPushProducer)
 class _Reading:
     """
     The connection as standard output's producer: paused and resumed with
@@ -1312,6 +1374,8 @@ class _Reading:
 class _Terminal(Protocol):
     """Standard input and output, as one half of a relay."""
 
+    transport: _StandardIO | None
+
     def __init__(self, remote: _Remote) -> None:
         self.remote = remote
         self.ended = False
@@ -1327,7 +1391,7 @@ class _Terminal(Protocol):
         # Standard output closed (a reader that went away, like `| head`): nothing more to show.
         self.remote.outputGone()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.remote.terminalClosed()
 
 
@@ -1358,8 +1422,10 @@ class _Remote(_Reporting):
         from twisted.internet import stdio
 
         stdin, stdout = self.fds
-        stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)
+        # The type checker sees Windows' StandardIO, which has no stdin and stdout.
+        stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)  # type: ignore[call-arg]
         self.transport.registerProducer(self.gate, True)
+        assert self.terminal.transport is not None  # StandardIO connected it
         self.terminal.transport.registerProducer(_Reading(self.transport), True)
 
     # standard input -> the connection
@@ -1490,7 +1556,7 @@ class _Remote(_Reporting):
     def writeConnectionLost(self) -> None:
         self._sentAll = True  # our FIN went out after every byte of standard input
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         clean = (
