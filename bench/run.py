@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ IDLE = 5000
 
 def servers(
     build: Path, logs: Path, pypy: str | None = None
-) -> dict[str, tuple[callable, set[str]]]:
+) -> dict[str, tuple[Callable[[int], list[str]], set[str]]]:
     """Each server: a function of the port to its command line, and what it serves."""
     python = sys.executable
     peers = str(HERE / "peers.py")
