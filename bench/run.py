@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ IDLE = 5000
 
 def servers(
     build: Path, logs: Path, pypy: str | None = None
-) -> dict[str, tuple[callable, set[str]]]:
+) -> dict[str, tuple[Callable[[int], list[str]], set[str]]]:
     """Each server: a function of the port to its command line, and what it serves."""
     python = sys.executable
     peers = str(HERE / "peers.py")
@@ -218,7 +219,7 @@ class Server:
                 break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {argv}")
+                    raise RuntimeError(f"server did not start: {argv}") from None
                 time.sleep(0.05)
         time.sleep(0.2)
 
@@ -297,7 +298,10 @@ def main() -> None:
     parser.add_argument(
         "--pypy",
         metavar="PYTHON",
-        help="also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds of the same load first)",
+        help=(
+            "also run twistsock, Twisted and asyncio on this PyPy (warmed up for --warmup seconds "
+            "of the same load first)"
+        ),
     )
     parser.add_argument(
         "--warmup",
@@ -342,7 +346,8 @@ def main() -> None:
                     rates[name] = rate
                     results.setdefault((workload.name, name), []).append((rate, cpu))
                     print(
-                        f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} {workload.unit:7} {cpu:8.1f} us/req",
+                        f"round {round + 1} {workload.name:24} {name:17} {rate:12.1f} "
+                        f"{workload.unit:7} {cpu:8.1f} us/req",
                         flush=True,
                     )
                 for name, rate in rates.items():
@@ -352,7 +357,7 @@ def main() -> None:
                                 rate / rates[base]
                             )
             if not args.only or any("idle" in o for o in args.only):
-                for name, (command, serves) in table.items():
+                for name, (command, _serves) in table.items():
                     port = freePorts()
                     server = Server(command(port), port)
                     try:
@@ -377,10 +382,12 @@ def render(results, ratios, workloads, args) -> str:
         "# twistsock benchmarks",
         "",
         f"Run with `python bench/run.py --rounds {args.rounds} --seconds {args.seconds:g}` on "
-        f"{platform.node() and 'this machine'}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}. Server on core {SERVER_CORE}, "
-        f"load generator (C, epoll) on core {CLIENT_CORE}; every server started fresh for every cell and primed "
-        "with one connect-and-close; medians of the rounds, spread min-max; ratios taken within a round.",
+        f"{platform.node() and 'this machine'}: {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}. Server on core {SERVER_CORE}, "
+        f"load generator (C, epoll) on core {CLIENT_CORE}; "
+        "every server started fresh for every cell and primed with one connect-and-close; "
+        "medians of the rounds, spread min-max; ratios taken within a round.",
         "",
         "| workload | server | median | spread | server CPU per request |",
         "|---|---|---|---|---|",
@@ -392,13 +399,15 @@ def render(results, ratios, workloads, args) -> str:
         cpu = statistics.median(v[1] for v in values)
         cpuText = f"{cpu:.1f} us" if cpu else ""
         lines.append(
-            f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | {min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |"
+            f"| {workload} | {name} | {statistics.median(rates):,.1f} {units[workload]} | "
+            f"{min(rates):,.1f} - {max(rates):,.1f} | {cpuText} |"
         )
     lines += ["", "| workload | ratio | median | spread |", "|---|---|---|---|"]
     for (workload, pair), values in ratios.items():
         if pair.split("/")[0].startswith(("twistsock", "twisted")):
             lines.append(
-                f"| {workload} | {pair} | {statistics.median(values):.2f}x | {min(values):.2f} - {max(values):.2f} |"
+                f"| {workload} | {pair} | {statistics.median(values):.2f}x | "
+                f"{min(values):.2f} - {max(values):.2f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -167,7 +167,8 @@ def main() -> None:
     for i, (name, unit, _, _) in enumerate(cases):
         times = ", ".join(f"{s * 1e6:.2f}" for s in results[i])
         print(
-            f"{name:10}  {min(results[i]) * 1e6:8.2f} us per {unit} (best of {args.rounds}: {times})"
+            f"{name:10}  {min(results[i]) * 1e6:8.2f} us per {unit} (best of {args.rounds}: "
+            f"{times})"
         )
 
 

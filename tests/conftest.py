@@ -248,7 +248,10 @@ def echoWhileSignalled(
 
 
 def requireTool(name: str) -> str:
-    """The path of a program the test needs: skipped where it is missing, a failure in CI (which installs it)."""
+    """
+    The path of a program the test needs: skipped where it is missing, a
+    failure in CI (which installs it).
+    """
     import shutil
 
     path = shutil.which(name)
@@ -260,7 +263,10 @@ def requireTool(name: str) -> str:
 
 
 def openMany(port: int, count: int) -> list[socket.socket]:
-    """C{count} connections to 127.0.0.1:C{port}, made without waiting on each (the server may refuse some, or never accept)."""
+    """
+    C{count} connections to 127.0.0.1:C{port}, made without waiting on each
+    (the server may refuse some, or never accept).
+    """
     made = []
     for _ in range(count):
         s = socket.socket()

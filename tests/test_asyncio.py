@@ -24,9 +24,12 @@ PROGRAM = textwrap.dedent(
         asyncioreactor.install(loop)
         from twistsock import client
 
-        for target in (("127.0.0.1", port), ("localhost", port), f"tcp:127.0.0.1:{port}", f"tcp:localhost:{port}"):
+        targets = [("127.0.0.1", port), ("localhost", port)]
+        targets += [f"tcp:127.0.0.1:{port}", f"tcp:localhost:{port}"]
+        for target in targets:
             print(await client.echo(target, b"hi", timeout=5).asFuture(loop))
-        print(await client.echo(f"tls:localhost:{tlsPort}", b"tls", ca=ca, timeout=5).asFuture(loop))
+        tls = f"tls:localhost:{tlsPort}"
+        print(await client.echo(tls, b"tls", ca=ca, timeout=5).asFuture(loop))
         try:
             await client.echo(("nosuch.invalid", port), b"x", timeout=5).asFuture(loop)
         except client.UnknownHost as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from twistsock import cli, client
@@ -40,7 +42,7 @@ def test_split_target_errors(words):
 def test_host_and_port_in_one_word_get_a_hint(word, hint):
     with pytest.raises(
         ValueError,
-        match=f"give HOST and PORT as two words {hint.replace('(', chr(92) + '(').replace(')', chr(92) + ')').replace('.', chr(92) + '.')}",
+        match="give HOST and PORT as two words " + re.escape(hint),
     ):
         cli.splitTarget([word, "hi"])
 
@@ -118,7 +120,8 @@ def test_a_server_error_reply_exits_8():
         server.stop()
     assert result.returncode == 8, result.stderr
     assert result.stderr.decode().splitlines() == [
-        f"twistsock: 127.0.0.1 port {server.service('upper').port}: the server answered with an error: line longer than 10 bytes"
+        f"twistsock: 127.0.0.1 port {server.service('upper').port}: the server answered with "
+        "an error: line longer than 10 bytes"
     ]
 
 
@@ -231,7 +234,10 @@ def test_bash_completion_completes_commands_and_options():
     script = subprocess.run(
         [TWISTSOCK, "completion", "bash"], capture_output=True, text=True, timeout=WAIT
     ).stdout
-    probe = 'COMP_WORDS=(twistsock ec); COMP_CWORD=1; _twistsock; echo "${COMPREPLY[@]}"; COMP_WORDS=(twistsock udp --no); COMP_CWORD=2; _twistsock; echo "${COMPREPLY[@]}"'
+    probe = (
+        'COMP_WORDS=(twistsock ec); COMP_CWORD=1; _twistsock; echo "${COMPREPLY[@]}"; '
+        'COMP_WORDS=(twistsock udp --no); COMP_CWORD=2; _twistsock; echo "${COMPREPLY[@]}"'
+    )
     result = subprocess.run(
         ["bash", "-c", script + "\n" + probe], capture_output=True, text=True, timeout=WAIT
     )

@@ -172,7 +172,10 @@ class ConnectsSilently:
 
 
 def test_timeout_while_closing_keeps_the_result():
-    """The exchange finished but the close never completed (a TLS peer that never answers close_notify)."""
+    """
+    The exchange finished but the close never completed (a TLS peer that never
+    answers close_notify).
+    """
     clock = MemoryReactorClock()
     endpoint = ConnectsSilently()
     d = client.upper(endpoint, b"x", timeout=10, reactor=clock)
@@ -234,7 +237,8 @@ def test_an_address_is_connected_to_as_it_is_and_a_name_is_resolved():
     assert isinstance(client.endpoint(("::1", 5000), reactor=running), TCP6ClientEndpoint)
     assert isinstance(client.endpoint(("127.0.0.1", 5000), reactor=running), TCP4ClientEndpoint)
     assert isinstance(client.endpoint(("localhost", 5000), reactor=running), HostnameEndpoint)
-    # A reactor that is not running (asyncio's, driven by asyncio.run) resolves names in a thread of its own.
+    # A reactor that is not running (asyncio's, driven by asyncio.run) resolves
+    # names in a thread of its own.
     assert isinstance(
         client.endpoint(("localhost", 5000), reactor=MemoryReactorClock()),
         client._ResolvingEndpoint,

@@ -215,7 +215,8 @@ def test_limits_total_and_per_peer(records):
     assert eWire.disconnecting
     for p in (c, e):
         close(p)
-    # One burst: the first refusal is recorded, the second counted, then summed up after a quiet second.
+    # One burst: the first refusal is recorded, the second counted, then summed
+    # up after a quiet second.
     assert [(r["reason"], r["detail"]) for r in records()] == [("limit", "max per peer")]
     assert connections.refused == {("echo", "max per peer"): 1, ("echo", "max connections"): 1}
     clock.advance(1)
@@ -256,7 +257,10 @@ class TCPWire(StringTransport):
 
 
 def test_nagle_is_off_from_the_second_write_of_a_tcp_connection():
-    """A first write has nothing unacknowledged before it: Nagle cannot delay it, so one reply costs no setsockopt."""
+    """
+    A first write has nothing unacknowledged before it: Nagle cannot delay it,
+    so one reply costs no setsockopt.
+    """
     factory = ConnectionFactory(
         ServiceFactory("echo"), TransportInfo("tcp"), reactor=MemoryReactorClock()
     )
@@ -311,7 +315,10 @@ def test_a_long_burst_of_refusals_is_summed_up_every_10_s(records):
 
 
 def _connectTo(reactor, listenOn: str, connectTo: str):
-    """Listen on C{listenOn}, connect from C{connectTo}; fire with the server side's L{Connection}."""
+    """
+    Listen on C{listenOn}, connect from C{connectTo}; fire with the server
+    side's L{Connection}.
+    """
     import socket
 
     from twisted.internet import defer
@@ -456,7 +463,10 @@ def test_a_silent_client_of_a_line_service_is_only_idle(records):
 
 
 def advance(clock, seconds, step=0.05):
-    """Let time pass in small steps, as a running reactor does (a LoopingCall skips the runs it missed)."""
+    """
+    Let time pass in small steps, as a running reactor does (a LoopingCall
+    skips the runs it missed).
+    """
     for _ in range(round(seconds / step)):
         clock.advance(step)
 

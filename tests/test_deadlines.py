@@ -29,7 +29,10 @@ def enoughDescriptors():
 
 
 def closedByServer(sockets: list[socket.socket], deadline: float) -> int:
-    """Wait until every socket is closed or reset by the server (or the deadline passes); return how many were."""
+    """
+    Wait until every socket is closed or reset by the server (or the deadline
+    passes); return how many were.
+    """
     selector = selectors.DefaultSelector()
     for s in sockets:
         selector.register(s, selectors.EVENT_READ)
@@ -50,7 +53,10 @@ def closedByServer(sockets: list[socket.socket], deadline: float) -> int:
 
 
 def served(port: int, request: bytes, halfClose: bool = False) -> bytes:
-    """Send C{request} (then end the input, if C{halfClose}); return all the server sent before closing."""
+    """
+    Send C{request} (then end the input, if C{halfClose}); return all the
+    server sent before closing.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
         s.sendall(request)
         if halfClose:
@@ -61,7 +67,7 @@ def served(port: int, request: bytes, halfClose: bool = False) -> bytes:
         return b"".join(chunks)
 
 
-def test_silent_connections_waiting_for_a_proxy_header_are_held_to_the_limit_and_closed_by_the_deadline():
+def test_silent_proxy_connections_are_held_to_the_limit_and_closed_by_the_header_deadline():
     server = startServer(
         "--listen", "echo@proxy:tcp:0:interface=127.0.0.1:backlog=4096",
         "--max-connections", "100", "--proxy-header-timeout", "2", "--idle-timeout", "30",
@@ -70,7 +76,8 @@ def test_silent_connections_waiting_for_a_proxy_header_are_held_to_the_limit_and
     try:
         port = server.service("echo").port
         sockets = openMany(port, 2000)
-        # Every one of the 2,000 ends: 100 held until the header deadline, the rest refused at accept.
+        # Every one of the 2,000 ends: 100 held until the header deadline, the
+        # rest refused at accept.
         assert closedByServer(sockets, time.monotonic() + 4 * WAIT) == 2000
         # Each connection is one record, or counted in a summary (one per burst: the refusals at
         # accept, then the header timeouts); none was served without a header.
@@ -136,7 +143,8 @@ def test_a_thousand_trickling_clients_are_closed_by_the_line_deadline_while_othe
                 break
         assert closedByServer(sockets, time.monotonic() + WAIT) == 1000
         server.waitFor(
-            r"upper tcp 127\.0\.0\.1:\d+ -> .*: line timeout after \d+\.\d+ s, \d+ bytes in, 0 bytes out \(no complete line within 3 s\)$",
+            r"upper tcp 127\.0\.0\.1:\d+ -> .*: line timeout after \d+\.\d+ s, \d+ bytes in, "
+            r"0 bytes out \(no complete line within 3 s\)$",
             count=1000,
         )
         print(f"slowest legitimate exchange among the tricklers: {ends * 1000:.0f} ms")

@@ -45,7 +45,11 @@ def stack(material, tmp_path_factory):
         (entry,) = [e for e in server.listening if f"{e.service}@{e.endpoint}" == listen]
         ports[key] = entry.port
     fronts = {key: freePort() for key in backends}
-    config = "global\n    maxconn 512\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
+    config = (
+        "global\n    maxconn 512\n\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n"
+        "    timeout client 30s\n    timeout server 30s\n"
+    )
     for key, (_, proxy) in backends.items():
         config += (
             f"\nfrontend fe_{key}\n    bind 127.0.0.1:{fronts[key]}\n    default_backend be_{key}\n"
@@ -94,8 +98,8 @@ def test_plain_tcp_with_proxy_v2_logs_the_real_client(stack):
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"Received: through haproxy\n"
     server.waitFor(
-        r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: .*15 bytes in, 15 bytes out$"
-        % fronts["echo"]
+        rf"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:{fronts['echo']}: .*15 bytes in, 15 "
+        r"bytes out$"
     )
 
 
@@ -186,10 +190,11 @@ def test_a_proxy_port_refuses_a_client_without_a_header(stack):
         except ConnectionResetError:
             pass
     (line,) = server.waitFor(
-        rf"echo proxy 127\.0\.0\.1:{me} -> .*: proxy header invalid after .*\(malformed v1 header, first bytes: PROXY TCP4 6\.6\.6\.6"
+        rf"echo proxy 127\.0\.0\.1:{me} -> .*: proxy header invalid after .*\(malformed v1 "
+        r"header, first bytes: PROXY TCP4 6\.6\.6\.6"
     )
     assert not [
-        l for l in server.lines if " proxy 6.6.6.6:" in l
+        line for line in server.lines if " proxy 6.6.6.6:" in line
     ]  # the spoofed client is never taken for the peer
 
 

@@ -31,7 +31,8 @@ def moreFiles():
     wanted = 5000
     if hard != resource.RLIM_INFINITY and hard < wanted:
         pytest.fail(
-            f"the hard open-file limit ({hard}) is below {wanted}: this test needs a machine that allows it"
+            f"the hard open-file limit ({hard}) is below {wanted}: this test needs a machine "
+            "that allows it"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     yield
@@ -76,7 +77,10 @@ def exchangeAll(
 
 
 def closedByServer(s: socket.socket) -> bool:
-    """Whether the server closed the connection (cleanly, or with a reset: an abort with unread input)."""
+    """
+    Whether the server closed the connection (cleanly, or with a reset: an
+    abort with unread input).
+    """
     try:
         return s.recv(100) == b""
     except ConnectionResetError:
@@ -97,9 +101,10 @@ def test_2000_concurrent_connections_echo_every_byte(moreFiles):
         before = server.rss()
         received = exchangeAll(sockets, payloads, time.monotonic() + 120)
         print(
-            f"\n2000 connections held: server RSS {before >> 20} MiB before the echo, {server.rss() >> 20} MiB after"
+            f"\n2000 connections held: server RSS {before >> 20} MiB before the echo, "
+            f"{server.rss() >> 20} MiB after"
         )
-        wrong = sum(1 for got, want in zip(received, payloads) if got != want)
+        wrong = sum(1 for got, want in zip(received, payloads, strict=True) if got != want)
         assert wrong == 0, f"{wrong} of 2000 connections did not get their 16 KiB back"
         for s in sockets:
             s.close()
@@ -142,7 +147,8 @@ def test_out_of_file_descriptors_refuses_logs_once_serves_the_rest_and_recovers(
             s.close()
         summary = server.waitFor(r"taking connections on tcp:0\S* \(echo\) again")
         print(
-            f"\nopen-file limit 64: {len(served)} of 100 connections served, {refused} refused; {summary[0].split('] ', 1)[1]}"
+            f"\nopen-file limit 64: {len(served)} of 100 connections served, {refused} "
+            f"refused; {summary[0].split('] ', 1)[1]}"
         )
         assert f"{refused} refused" in summary[0]
         # Recovered: a new connection is served.
@@ -203,8 +209,9 @@ def test_a_reset_mid_transfer_is_one_record_and_the_server_carries_on():
         s.recv(1000)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # RST, with most of the echo unread
-        # "error (...)" when the reset is read; Twisted's epoll reactor reports a reset that comes with
-        # nothing left to read (EPOLLHUP) as a clean close, so "peer closed" is possible too.
+        # "error (...)" when the reset is read; Twisted's epoll reactor reports
+        # a reset that comes with nothing left to read (EPOLLHUP) as a clean
+        # close, so "peer closed" is possible too.
         records = server.waitFor(
             r"echo tcp 127\.0\.0\.1:\d+ -> .*: (error|peer closed) after .* bytes in"
         )
@@ -260,7 +267,8 @@ def test_a_server_killed_with_sigkill_restarts_at_once_on_the_same_unix_path_and
     path = short_tmp / "echo.sock"
     args = ("--listen", f"echo@tcp:{port}:interface=127.0.0.1", "--listen", f"echo@unix:{path}")
     first = startServer(*args)
-    # Connections open at the kill: their ports go to TIME_WAIT, the socket file and its lock stay behind.
+    # Connections open at the kill: their ports go to TIME_WAIT, the socket
+    # file and its lock stay behind.
     held = [socket.create_connection(("127.0.0.1", port), timeout=WAIT)]
     unixClient = socket.socket(socket.AF_UNIX)
     unixClient.connect(str(path))
@@ -375,7 +383,8 @@ def test_a_proxy_port_refuses_a_connection_without_a_header_and_trusts_one_with_
             s.sendall(b"hello, no header here\r\n")
             assert closedByServer(s)
         server.waitFor(
-            r"echo proxy 127\.0\.0\.1:\d+ -> .*: proxy header invalid after .*, 23 bytes in, 0 bytes out \(no PROXY signature, first bytes: hello, no header here\\r\\n\)$"
+            r"echo proxy 127\.0\.0\.1:\d+ -> .*: proxy header invalid after .*, 23 bytes in, "
+            r"0 bytes out \(no PROXY signature, first bytes: hello, no header here\\r\\n\)$"
         )
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(PROXY_V1 + b"hello")
@@ -389,7 +398,10 @@ def test_a_proxy_port_refuses_a_connection_without_a_header_and_trusts_one_with_
 
 
 def flood(port: int, sources: list[str], count: int) -> None:
-    """Send `count` datagrams to 127.0.0.1:port, spread over the source addresses, without reading replies."""
+    """
+    Send `count` datagrams to 127.0.0.1:port, spread over the source addresses,
+    without reading replies.
+    """
     sockets = []
     for source in sources:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -456,7 +468,8 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
         after = server.rss()
         assert answered, "a legitimate client got no answer during the flood"
         print(
-            f"\nUDP flood from {sources} source(s): server RSS {before >> 10} KiB before 100,000 datagrams, {after >> 10} KiB after"
+            f"\nUDP flood from {sources} source(s): server RSS {before >> 10} KiB before "
+            f"100,000 datagrams, {after >> 10} KiB after"
         )
         assert after - before < 8 << 20, (
             f"memory grew by {(after - before) >> 10} KiB over 100,000 datagrams"
@@ -469,7 +482,8 @@ def test_udp_flood_the_limit_holds_memory_stays_flat_and_others_are_answered(sou
     limited = sum(int(n) for n in re.findall(r"(\d+) rate limited", flooders))
     # Each source gets its burst of 20, then 10 a second; everything else it sent is refused.
     print(
-        f"flooders: {answeredFlood} answered, {limited} rate limited in {elapsed:.1f} s (the rest dropped by the kernel)"
+        f"flooders: {answeredFlood} answered, {limited} rate limited in {elapsed:.1f} s (the "
+        "rest dropped by the kernel)"
     )
     assert 0 < answeredFlood <= sources * (20 + 10 * (elapsed + 1))
     assert limited > answeredFlood

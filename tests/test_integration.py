@@ -44,7 +44,10 @@ def listenArgs(transport: str, tmp) -> list[str]:
     ids=lambda p: "-".join(p),
 )
 def server(request, short_tmp):
-    """One `twist sockets` serving all four services on one kind of transport, on Twisted's reactor and on twistsock's."""
+    """
+    One `twist sockets` serving all four services on one kind of transport, on
+    Twisted's reactor and on twistsock's.
+    """
     transport, reactor = request.param
     server = startServer(
         *listenArgs(transport, short_tmp),
@@ -373,7 +376,8 @@ def test_port_in_use_is_one_line_and_status_1():
     assert result.returncode == 1
     assert (
         result.stderr
-        == f"twistsock: error: cannot listen on tcp:{port}:interface=127.0.0.1 (upper): Address already in use\n"
+        == f"twistsock: error: cannot listen on tcp:{port}:interface=127.0.0.1 (upper): "
+        "Address already in use\n"
     )
     assert "Traceback" not in result.stdout
 
@@ -383,7 +387,8 @@ def test_unix_path_in_missing_directory_is_one_line_and_status_1():
     assert result.returncode == 1
     assert (
         result.stderr
-        == "twistsock: error: cannot listen on unix:/nonexistent/dir/s.sock (sink): No such file or directory\n"
+        == "twistsock: error: cannot listen on unix:/nonexistent/dir/s.sock (sink): "
+        + "No such file or directory\n"
     )
 
 
@@ -417,7 +422,8 @@ def test_privileged_port_not_permitted_is_one_line_and_status_1():
     assert result.returncode == 1, result
     assert (
         result.stderr
-        == "twistsock: error: cannot listen on tcp:80:interface=127.0.0.1 (echo): Permission denied\n"
+        == "twistsock: error: cannot listen on tcp:80:interface=127.0.0.1 (echo): "
+        + "Permission denied\n"
     )
 
 

@@ -20,7 +20,10 @@ from twistsock.logs import LineObserver, LogOutput
 
 
 def writeInThread(output: LogOutput, lines: list[bytes]) -> None:
-    """Write from another thread, so that a write that blocked fails the test instead of hanging it."""
+    """
+    Write from another thread, so that a write that blocked fails the test
+    instead of hanging it.
+    """
     writer = threading.Thread(target=lambda: [output.write(line) for line in lines])
     writer.start()
     writer.join(WAIT)
@@ -52,7 +55,8 @@ def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_count
     reader.join(WAIT)
     text = received[0]
     assert text.endswith(
-        f"{output.dropped} log lines dropped: the log output did not keep up\nafter the reader came back\n".encode()
+        f"{output.dropped} log lines dropped: the log output did not keep up\n"
+        "after the reader came back\n".encode()
     )
     kept = [line for line in text.splitlines() if line[:5].isdigit()]
     assert kept == [line.rstrip(b"\n") for line in lines[: len(kept)]], (
@@ -169,7 +173,10 @@ def upperOnce(port: int, line: bytes) -> bytes:
 
 @contextmanager
 def unreadLog(*args: str):
-    """`twist sockets ARGS` serving upper, its log a pipe that nobody reads until the test does; yields (port, process)."""
+    """
+    `twist sockets ARGS` serving upper, its log a pipe that nobody reads until
+    the test does; yields (port, process).
+    """
     port = freePort()
     process = subprocess.Popen(
         [
@@ -197,7 +204,10 @@ def unreadLog(*args: str):
 
 
 def test_a_server_whose_log_pipe_nobody_reads_serves_2000_connections_and_stops_on_sigterm():
-    """Before: about 64 KiB of log filled the pipe, write() blocked, clients timed out, SIGTERM did nothing."""
+    """
+    Before: about 64 KiB of log filled the pipe, write() blocked, clients timed
+    out, SIGTERM did nothing.
+    """
     with unreadLog() as (port, process):
         for i in range(2000):  # about 300 KiB of records: more than the pipe and the buffer hold
             assert upperOnce(port, b"line %d" % i) == b"LINE %d\n" % i
@@ -229,7 +239,7 @@ def test_dropped_lines_are_counted_in_the_log_once_a_reader_returns_and_in_metri
     )
     try:
         waitForPort(port, process)
-        for i in range(2000):
+        for _ in range(2000):
             upperOnce(port, b"x")
         from test_operations import metric, scrape
 
@@ -345,7 +355,10 @@ def test_every_json_record_parses_and_carries_the_documented_fields():
 
 
 def test_sink_logs_a_bounded_amount_per_connection(serve):
-    """10 MiB in 10-byte writes: at most 100 message lines, then one line that says what was left out."""
+    """
+    10 MiB in 10-byte writes: at most 100 message lines, then one line that
+    says what was left out.
+    """
     server = serve("--listen", "sink@tcp:0:interface=127.0.0.1")
     port = server.service("sink").port
     before = sum(len(line) + 1 for line in server.lines)
@@ -470,15 +483,18 @@ def test_numeric_options_name_themselves_and_log_buffer_is_bounded():
     for args, message in (
         (
             ("--log-buffer", "abc"),
-            "twistsock: error: --log-buffer: 'abc' is not a whole number (twist sockets --help lists the options)\n",
+            "twistsock: error: --log-buffer: 'abc' is not a whole number (twist sockets "
+            "--help lists the options)\n",
         ),
         (
             ("--max-connections", "x"),
-            "twistsock: error: --max-connections: 'x' is not a whole number (twist sockets --help lists the options)\n",
+            "twistsock: error: --max-connections: 'x' is not a whole number (twist sockets "
+            "--help lists the options)\n",
         ),
         (
             ("--log-buffer", str(2 << 30)),
-            "twistsock: error: --log-buffer must be from 4096 to 1073741824 (1 GiB) (twist sockets --help lists the options)\n",
+            "twistsock: error: --log-buffer must be from 4096 to 1073741824 (1 GiB) (twist "
+            "sockets --help lists the options)\n",
         ),
     ):
         result = runTwist(*args)

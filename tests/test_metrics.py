@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import pytest_twisted
@@ -58,7 +59,10 @@ def reply(s: socket.socket) -> bytes:
 
 
 def offer(port: int, head: bytes, size: int = BODY) -> tuple[int, bytes]:
-    """Send C{head}, then up to C{size} bytes of body until the server stops taking them; how many it took, and its reply."""
+    """
+    Send C{head}, then up to C{size} bytes of body until the server stops
+    taking them; how many it took, and its reply.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
         s.sendall(head)
         sent = 0
@@ -76,7 +80,10 @@ def statusOf(response: bytes) -> int:
 
 
 def tempFilesOf(pid: int, tmp: Path) -> list[str]:
-    """The files under C{tmp} that process C{pid} has open (an unlinked temporary file shows as C{tmp/#123 (deleted)})."""
+    """
+    The files under C{tmp} that process C{pid} has open (an unlinked temporary
+    file shows as C{tmp/#123 (deleted)}).
+    """
     found = []
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -90,7 +97,10 @@ def tempFilesOf(pid: int, tmp: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def metricsServer():
-    """One `twist sockets --metrics` with TMPDIR set to a fresh, empty directory: (server, port, tmpdir)."""
+    """
+    One `twist sockets --metrics` with TMPDIR set to a fresh, empty directory:
+    (server, port, tmpdir).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="ts-metrics-tmp-"))
     port = freePort()
     with pytest.MonkeyPatch.context() as patch:
@@ -197,15 +207,17 @@ def test_curl_posts_50_MiB_and_gets_405_then_gets_the_exposition(metricsServer):
             stderr=subprocess.PIPE,
         )
 
-        def feed() -> None:
+        def feed(stdin: IO[bytes]) -> None:
             try:
                 for _ in range(BODY // 65536):
-                    process.stdin.write(b"x" * 65536)
-                process.stdin.close()
+                    stdin.write(b"x" * 65536)
+                stdin.close()
             except BrokenPipeError:
                 pass  # curl had its answer and stopped reading
 
-        feeder = threading.Thread(target=feed)
+        # This process's stdin, bound now: a feeder still running after its join
+        # timed out must not write to the next round's curl.
+        feeder = threading.Thread(target=feed, args=(process.stdin,))
         feeder.start()
         try:
             process.wait(WAIT)  # its output is a few bytes: the pipes cannot fill
@@ -271,7 +283,10 @@ def test_headers_are_bounded(metricsServer):
 
 
 def isOpen(s: socket.socket) -> bool:
-    """Whether the server has neither closed nor reset C{s} (nothing is expected to arrive on it)."""
+    """
+    Whether the server has neither closed nor reset C{s} (nothing is expected
+    to arrive on it).
+    """
     s.setblocking(False)
     try:
         return s.recv(1) != b""
@@ -316,7 +331,8 @@ def test_the_65th_metrics_connection_is_closed_at_once_and_counted():
         assert all(isOpen(s) for s in held)
         status, text = ask(held[0], "/metrics")
         assert status == 200 and metric(text, "twistsock_metrics_connections_refused_total") == 1
-        # Silent, or idle after a response: each is closed by the default deadline, which frees its slot.
+        # Silent, or idle after a response: each is closed by the default
+        # deadline, which frees its slot.
         for s in held:
             assert reply(s) == b""
         status, text = get(port)
@@ -362,7 +378,8 @@ async def test_a_silent_or_trickling_client_is_closed_at_the_deadline():
                     break
                 trickler.sendall(bytes([byte]))
                 time.sleep(0.05)
-            # A whole request still gets its answer on a fresh connection, which the deadline closes once idle.
+            # A whole request still gets its answer on a fresh connection,
+            # which the deadline closes once idle.
             with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as fresh:
                 status, _ = ask(fresh, "/metrics")
                 return reply(silent), closedByServer, reply(trickler), status, reply(fresh)
@@ -374,7 +391,8 @@ async def test_a_silent_or_trickling_client_is_closed_at_the_deadline():
     assert silentReply == trickleReply == idleReply == b""
     assert trickleClosed
     assert status == 200
-    # The server closed every one (the thread's result reaches the reactor after their connectionLost).
+    # The server closed every one (the thread's result reaches the reactor
+    # after their connectionLost).
     assert site.openConnections == 0 and site.refusedConnections == 0
 
 

@@ -289,5 +289,6 @@ def test_metrics_endpoint_in_use_is_one_line_and_status_1():
     assert result.returncode == 1
     assert (
         result.stderr
-        == f"twistsock: error: cannot listen on tcp:{busy}:interface=127.0.0.1 (metrics): Address already in use\n"
+        == f"twistsock: error: cannot listen on tcp:{busy}:interface=127.0.0.1 (metrics): "
+        "Address already in use\n"
     )

@@ -1,4 +1,7 @@
-"""The wheel carries the dropin where twist finds it (the editable install is what the other tests use)."""
+"""
+The wheel carries the dropin where twist finds it (the editable install is what
+the other tests use).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ def test_wheel_ships_py_typed_for_type_checkers(wheel):
 
 
 def test_twist_finds_sockets_from_the_wheel_alone(wheel, tmp_path):
-    """A fresh environment that sees Twisted but not this checkout: only the wheel can add `sockets`."""
+    """
+    A fresh environment that sees Twisted but not this checkout: only the wheel
+    can add `sockets`.
+    """
     env = tmp_path / "env"
     venv.create(env, with_pip=False)
     site = Path(
@@ -59,7 +65,8 @@ def test_twist_finds_sockets_from_the_wheel_alone(wheel, tmp_path):
     help = [
         env / "bin" / "python",
         "-c",
-        "from twisted.application.twist._twist import Twist; Twist.main(['twist', 'sockets', '--help'])",
+        "from twisted.application.twist._twist import Twist; Twist.main(['twist', 'sockets', "
+        "'--help'])",
     ]
 
     before = subprocess.run(help, capture_output=True, text=True, cwd=tmp_path, timeout=60)

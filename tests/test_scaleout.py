@@ -23,12 +23,15 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
     front = freePort()
     config = tmp_path / "haproxy.cfg"
     config.write_text(
-        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "defaults\n    mode tcp\n    timeout connect 2s\n"
+        "    timeout client 30s\n    timeout server 30s\n"
         "    retries 3\n    option redispatch\n"
         f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend be\n"
         "backend be\n    balance roundrobin\n"
-        f"    server a 127.0.0.1:{a.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
-        f"    server b 127.0.0.1:{b.service('echo').port} send-proxy-v2 check inter 200ms fall 1 rise 2\n"
+        f"    server a 127.0.0.1:{a.service('echo').port} send-proxy-v2"
+        " check inter 200ms fall 1 rise 2\n"
+        f"    server b 127.0.0.1:{b.service('echo').port} send-proxy-v2"
+        " check inter 200ms fall 1 rise 2\n"
     )
     proxy = subprocess.Popen(
         [haproxy, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -49,7 +52,7 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
         a.stop()
         b.stop()
     assert [r for r in results if r[1] != 0] == []
-    record = r"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:%d: peer closed" % front
+    record = rf"echo proxy 127\.0\.0\.5:\d+ -> 127\.0\.0\.1:{front}: peer closed"
     servedByA = [line for line in a.lines if re.search(record, line)]
     servedByB = [line for line in b.lines if re.search(record, line)]
     assert 5 <= len(servedByA) <= 20, "roundrobin sent A about half of the first 20"

@@ -64,7 +64,8 @@ def measured(
     """
     code = (
         "import atexit, resource, sys\n"
-        "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
+        "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in "
+        "open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
         "from twistsock.cli import main\n"
         "main(sys.argv[1:])\n"
     )
@@ -93,8 +94,8 @@ def test_200_MB_through_echo_in_bounded_memory_byte_for_byte(servers, tmp_path):
         code = "import sys; from twistsock.cli import main; main(sys.argv[1:])"
         wrapper = (
             "import atexit, resource, sys\n"
-            "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
-            + code
+            "atexit.register(lambda: sys.stderr.write('maxrss %s\\n' % [l.split()[1] for l in "
+            "open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n" + code
         )
         result = subprocess.run(
             [sys.executable, "-c", wrapper, "echo", "127.0.0.1", port(plain, "echo")],
@@ -119,7 +120,8 @@ def test_200_MB_of_lines_through_upper_in_bounded_memory():
             [
                 sys.executable,
                 "-c",
-                "import sys\nline = b'x' * 99 + b'\\n'\nfor _ in range(2_000_000): sys.stdout.buffer.write(line)",
+                "import sys\nline = b'x' * 99 + b'\\n'\nfor _ in range(2_000_000): "
+                "sys.stdout.buffer.write(line)",
             ],
             stdout=subprocess.PIPE,
         )
@@ -212,13 +214,17 @@ def test_send_streams_and_waits_for_the_server_to_read_it_all(servers):
     result = twistsock("send", "127.0.0.1", port(plain, "sink"), input=data)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     plain.waitFor(
-        rf"sink tcp 127\.0\.0\.1:\d+ -> .*: peer closed after .*, {len(data)} bytes in, 0 bytes out$"
+        rf"sink tcp 127\.0\.0\.1:\d+ -> .*: peer closed after .*, {len(data)} bytes in, 0 "
+        r"bytes out$"
     )
 
 
 def test_a_reader_that_stops_reading_ends_the_client_quietly(servers):
     plain, _, _ = servers
-    command = f"head -c 10000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')} | head -c 10 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    command = (
+        f"head -c 10000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')}"
+        f" | head -c 10 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    )
     result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=WAIT)
     assert result.stdout.strip() == b"0", result.stderr
 
@@ -278,7 +284,10 @@ def test_udp_without_a_reply_sends_once_and_succeeds(servers):
 
 @pytest.mark.parametrize("peer", ["ncat", "socat"])
 def test_raw_behaves_as_ncat_and_socat_do_on_a_half_closed_session(servers, peer):
-    """The README's comparison, checked: the same input, the same output and status, from the same server."""
+    """
+    The README's comparison, checked: the same input, the same output and
+    status, from the same server.
+    """
     from conftest import requireTool
 
     plain, _, _ = servers
@@ -323,7 +332,8 @@ def test_closed_standard_input_reads_as_empty(servers):
             [
                 "bash",
                 "-c",
-                f"{TWISTSOCK} {command} 127.0.0.1 {port(plain, 'echo' if command != 'send' else 'sink')} <&-",
+                f"{TWISTSOCK} {command} 127.0.0.1 "
+                f"{port(plain, 'echo' if command != 'send' else 'sink')} <&-",
             ],
             capture_output=True,
             timeout=WAIT,
@@ -364,7 +374,10 @@ def test_a_message_to_a_tls_port_is_told_to_use_tls(servers, command):
 
 def test_echo_goes_on_comparing_when_its_reader_stops_reading(servers):
     plain, _, _ = servers
-    command = f"head -c 20000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')} | head -c 1 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    command = (
+        f"head -c 20000000 /dev/zero | {TWISTSOCK} echo 127.0.0.1 {port(plain, 'echo')}"
+        f" | head -c 1 > /dev/null; echo ${{PIPESTATUS[1]}}"
+    )
     result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=WAIT)
     assert result.stdout.strip() == b"0", result.stderr
 
@@ -389,7 +402,10 @@ def waitListening(port: int) -> None:
 
 
 def test_the_tls_client_streams_to_openssl_s_server(material):
-    """An independent TLS server: openssl s_server, reversing lines (-rev), and printing what it receives (-quiet)."""
+    """
+    An independent TLS server: openssl s_server, reversing lines (-rev), and
+    printing what it receives (-quiet).
+    """
     from conftest import requireTool
 
     openssl = requireTool("openssl")

@@ -19,7 +19,10 @@ UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 
 
 def activated(port: int, fdname: str | None, command: list[str]):
-    """`command` under systemd-socket-activate, which holds 127.0.0.1:port and starts it on the first connection."""
+    """
+    `command` under systemd-socket-activate, which holds 127.0.0.1:port and
+    starts it on the first connection.
+    """
     tool = requireTool("systemd-socket-activate")
     names = [f"--fdname={fdname}"] if fdname else []
     return spawn([tool, "-l", f"127.0.0.1:{port}", *names, *command])
@@ -50,7 +53,7 @@ def test_socket_activation(selector):
         server.waitFor(
             rf"upper listening on 127\.0\.0\.1:{port} \(systemd:domain=INET:{selector}\)"
         )
-        server.waitFor(r"upper tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:%d: service closed" % port)
+        server.waitFor(rf"upper tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{port}: service closed")
     finally:
         stop(server)
 
@@ -103,7 +106,7 @@ def execStart(
     if instance:
         command = command.replace("%i", instance)
     for key, value in (environment or {}).items():
-        command = command.replace("${%s}" % key, value)
+        command = command.replace(f"${{{key}}}", value)
     argv = shlex.split(command)
     argv[0] = TWIST
     return argv
@@ -126,7 +129,7 @@ def test_the_shipped_service_runs_under_socket_activation():
             result.stderr,
             server.lines,
         )
-        server.waitFor(r"metrics listening on 127\.0\.0\.1:%d" % metrics)
+        server.waitFor(rf"metrics listening on 127\.0\.0\.1:{metrics}")
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(WAIT) in (-signal.SIGTERM, 128 + signal.SIGTERM)
     finally:

@@ -170,7 +170,10 @@ def test_mtls_endpoint_string(material):
 def test_sni_directory_with_a_ca_root_loads_and_leaves_the_root_out_of_the_chain(
     material, tmp_path
 ):
-    """Twisted 26's tls: loops for ever on a root without its key; ours skips roots when it builds chains."""
+    """
+    Twisted 26's tls: loops for ever on a root without its key; ours skips
+    roots when it builds chains.
+    """
     from twistsock.tls import SNIDirectory
 
     directory = SNIDirectory(str(material.ca.parent))
@@ -247,7 +250,8 @@ def test_certs_command_refuses_a_bad_name_in_one_line(tmp_path):
     result = twistsock("certs", str(tmp_path / "d"), "--name", "user@example.com")
     assert result.returncode == 64
     assert result.stderr == (
-        b"twistsock certs: error: argument --name: 'user@example.com' is neither a host name (letters, digits and hyphens in labels "
+        b"twistsock certs: error: argument --name: 'user@example.com' is neither a host name "
+        b"(letters, digits and hyphens in labels "
         b"between dots) nor an IP address (twistsock certs --help shows the usage)\n"
     )
     assert not (tmp_path / "d").exists()
@@ -405,7 +409,10 @@ def test_sni_rereads_the_directory_for_an_unknown_name_at_most_every_5_s(tmp_pat
 
 
 def test_client_host_names_are_sent_as_a_labels_whatever_their_case():
-    """Twisted's HostnameEndpoint refuses upper-case Unicode (IDNA 2008 without UTS 46) later, as a traceback."""
+    """
+    Twisted's HostnameEndpoint refuses upper-case Unicode (IDNA 2008 without
+    UTS 46) later, as a traceback.
+    """
     reactor = MemoryReactorClock()
     reactor.running = True  # else names are resolved by twistsock's own endpoint
     for host in ("BÜCHER.example", "[::1]", "fe80::1%eth0"):
@@ -446,7 +453,8 @@ def test_tls_endpoint_mistakes_found_in_trials_are_one_clear_error(
 
 
 def test_a_chain_given_twice_is_sent_once(material, tmp_path):
-    # A stand-in intermediate: any certificate that is not a root will do for the chain's bookkeeping.
+    # A stand-in intermediate: any certificate that is not a root will do for
+    # the chain's bookkeeping.
     intermediate = load(material.client)
     bundle = tmp_path / "fullchain.pem"
     chainFile = tmp_path / "chain.pem"

@@ -43,7 +43,10 @@ def endpointFor(transport: str, m) -> str:
 
 @pytest.fixture(scope="module")
 def server(material):
-    """Every service over every TLS endpoint type, plus an ssl: port on 127.0.0.2 for the wrong-name case."""
+    """
+    Every service over every TLS endpoint type, plus an ssl: port on 127.0.0.2
+    for the wrong-name case.
+    """
     args = ["--tls-handshake-timeout", "2"]
     for transport in TRANSPORTS:
         for name in SERVICES:
@@ -116,7 +119,8 @@ def test_echo_5_mib_byte_exact_over_tls(server, material):
 def test_mtls_logs_the_verified_client_subject(server, material):
     ok(twistsock("echo", target(server, "echo", "mtls"), *tlsArgs(material, "mtls"), "who am I"))
     server.waitFor(
-        r"echo mtls 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+: .*, client certificate CN=twistsock client$"
+        r"echo mtls 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+: .*, client certificate CN=twistsock "
+        r"client$"
     )
 
 
@@ -129,11 +133,13 @@ def test_wrong_hostname_is_refused_with_status_6(server, material):
     assert result.returncode == 6
     assert (
         result.stderr
-        == f"twistsock: tls:127.0.0.2:{wrong.port}: certificate verification failed: the certificate is for localhost, 127.0.0.1, ::1, not 127.0.0.2\n".encode()
+        == f"twistsock: tls:127.0.0.2:{wrong.port}: certificate verification failed: "
+        "the certificate is for localhost, 127.0.0.1, ::1, not 127.0.0.2\n".encode()
     )
     # OpenSSL checked the name too, so the server was told why with an alert.
     server.waitFor(
-        r"echo tls 127.0.0.1:\d+ -> 127.0.0.2:\d+: tls handshake failed .*\(tls alert bad certificate\)$"
+        r"echo tls 127.0.0.1:\d+ -> 127.0.0.2:\d+: tls handshake failed .*\(tls alert bad "
+        r"certificate\)$"
     )
 
 
@@ -142,7 +148,8 @@ def test_untrusted_ca_is_refused_with_status_6(server):
     result = twistsock("echo", target(server, "echo", "ssl"), "x")
     assert result.returncode == 6
     assert result.stderr.endswith(
-        b": certificate verification failed: unable to get local issuer certificate (not signed by a trusted CA; --ca FILE names the CA to trust)\n"
+        b": certificate verification failed: unable to get local issuer certificate (not "
+        b"signed by a trusted CA; --ca FILE names the CA to trust)\n"
     )
 
 

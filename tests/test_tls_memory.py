@@ -375,7 +375,10 @@ class TLSClient:
         self.incoming.write(chunk)
 
     def handshake(self, firstPart: int | None = None) -> None:
-        """Send C{firstPart} bytes of the ClientHello (0: none), pause, then the rest, and finish."""
+        """
+        Send C{firstPart} bytes of the ClientHello (0: none), pause, then the
+        rest, and finish.
+        """
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -455,6 +458,7 @@ def test_the_handshake_deadline_still_closes_silent_and_partial_clients(tlsServe
         stopped.sendall(partial)
         assert closedByServer(silent) and closedByServer(stopped)
     server.waitFor(
-        r"tls handshake timeout after [\d.]+ s, 0 bytes in, 0 bytes out \(no handshake within 0.5 s\)",
+        r"tls handshake timeout after [\d.]+ s, 0 bytes in, 0 bytes out \(no handshake within "
+        r"0.5 s\)",
         count=2,
     )

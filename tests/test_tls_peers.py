@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sslyzeCommand() -> str:
-    """sslyze lives in a venv of its own (.ci/run makes it): it pins a cryptography older than ours."""
+    """
+    sslyze lives in a venv of its own (.ci/run makes it): it pins a
+    cryptography older than ours.
+    """
     local = ROOT / ".venv-sslyze" / "bin" / "sslyze"
     if local.exists():
         return str(local)
@@ -48,7 +51,8 @@ def material(tmp_path_factory):
     sni.mkdir()
     shutil.copy(made.server, sni / "a-server.pem")
     shutil.copy(made.ca, sni / "ca.pem")  # a root beside the keys: left out of every chain
-    # b.test's certificate, signed by another CA, without "localhost" first: keep only the names that differ.
+    # b.test's certificate, signed by another CA, without "localhost" first:
+    # keep only the names that differ.
     shutil.copy(other.server, sni / "b-server.pem")
     return SimpleNamespace(
         ca=made.ca,
@@ -88,7 +92,8 @@ def server(material):
     server.stop()
     log = "\n".join(server.lines)
     assert "Traceback" not in log
-    # A client that sends no SNI is ordinary (IP literals, s_client -noservername): no warning for it.
+    # A client that sends no SNI is ordinary (IP literals, s_client
+    # -noservername): no warning for it.
     assert "no server certificate" not in log and "could not find domain" not in log
 
 
@@ -138,7 +143,10 @@ def pythonClient(
 
 @pytest.mark.parametrize("key", ["ssl", "tls", "mtls", "modern"])
 def test_openssl_s_client_offering_alpn_is_served_without_a_protocol(server, material, key):
-    """Twisted's contexts answer any ALPN offer with alert 80 (internal_error); RFC 7301 says ignore it."""
+    """
+    Twisted's contexts answer any ALPN offer with alert 80 (internal_error);
+    RFC 7301 says ignore it.
+    """
     shown = sClient(
         server.ports[key], "-alpn", "h2,http/1.1", *clientArgs(material, key), input=b""
     )
@@ -155,7 +163,10 @@ def test_python_ssl_offering_alpn_is_served_without_a_protocol(server, material,
 
 
 def test_curl_with_its_alpn_offer_gets_the_ack(server, material):
-    """curl offers h2 and http/1.1; the ack service's reply is what curl calls an HTTP/0.9 answer."""
+    """
+    curl offers h2 and http/1.1; the ack service's reply is what curl calls an
+    HTTP/0.9 answer.
+    """
     curl = requireTool("curl")
     result = subprocess.run(
         [
@@ -269,7 +280,10 @@ def test_key_exchange_groups_are_mozillas(server, material, group, accepted):
 
 
 def test_the_post_quantum_hybrid_is_chosen_when_offered(server, material):
-    """X25519MLKEM768 stays first where OpenSSL has it (pyOpenSSL's OpenSSL here; the system's 3.0 has not)."""
+    """
+    X25519MLKEM768 stays first where OpenSSL has it (pyOpenSSL's OpenSSL here;
+    the system's 3.0 has not).
+    """
     from OpenSSL import SSL
 
     if "X25519MLKEM768" not in _groupsOf(SSL):
@@ -347,7 +361,10 @@ def test_sni_chooses_the_certificate_whatever_the_case_or_a_trailing_dot(
 def closeNotifyThenRead(
     port: int, material, version: ssl.TLSVersion, fin: bool, message: bytes, mtls: bool = False
 ) -> bytes:
-    """Python's ssl: send MESSAGE, then close_notify (and a FIN if told), and read what comes back until the server closes."""
+    """
+    Python's ssl: send MESSAGE, then close_notify (and a FIN if told), and read
+    what comes back until the server closes.
+    """
     ctx = ssl.create_default_context(cafile=str(material.ca))
     ctx.minimum_version = ctx.maximum_version = version
     if mtls:
@@ -404,7 +421,10 @@ def closeNotifyThenRead(
 def test_close_notify_after_a_last_line_without_newline_is_answered(
     server, material, version, fin, key, reply
 ):
-    """As a FIN is over TCP: upper answers the unterminated last line, ack acknowledges it, echo returns it."""
+    """
+    As a FIN is over TCP: upper answers the unterminated last line, ack
+    acknowledges it, echo returns it.
+    """
     assert (
         closeNotifyThenRead(
             server.ports[key], material, version, fin, b"last line", mtls="mtls" in key
@@ -418,7 +438,10 @@ def test_close_notify_after_a_last_line_without_newline_is_answered(
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
-    """A CA, and leaves it signed that the client must refuse for localhost (and one it must accept), each on an ssl: port."""
+    """
+    A CA, and leaves it signed that the client must refuse for localhost (and
+    one it must accept), each on an ssl: port.
+    """
     base = tmp_path_factory.mktemp("bad")
     now = datetime.datetime.now(datetime.UTC)
     caKey = ec.generate_private_key(ec.SECP256R1())
@@ -472,11 +495,13 @@ def bad(tmp_path_factory):
     leaves = {
         "cn-only": (
             leaf("cn-only", "localhost", None),
-            "the certificate has no subjectAltName, so it is for no host name (its subject, CN=localhost, does not count); not for localhost",
+            "the certificate has no subjectAltName, so it is for no host name (its subject, "
+            "CN=localhost, does not count); not for localhost",
         ),
         "no-san": (
             leaf("no-san", "evil.example", None),
-            "the certificate has no subjectAltName, so it is for no host name (its subject, CN=evil.example, does not count); not for localhost",
+            "the certificate has no subjectAltName, so it is for no host name (its subject, "
+            "CN=evil.example, does not count); not for localhost",
         ),
         "wrong-san": (
             leaf("wrong-san", "localhost", [x509.DNSName("other.example")]),
@@ -517,7 +542,8 @@ def test_the_twistsock_command_refuses_each_bad_certificate_with_status_6_and_sa
     assert result.stdout == b""
     assert (
         result.stderr
-        == f"twistsock: tls:localhost:{bad.ports[name]}: certificate verification failed: {bad.leaves[name][1]}\n".encode()
+        == f"twistsock: tls:localhost:{bad.ports[name]}: certificate verification failed: "
+        f"{bad.leaves[name][1]}\n".encode()
     )
 
 
@@ -534,8 +560,10 @@ def test_the_client_module_refuses_a_certificate_not_for_the_host(bad, name):
         "from twisted.internet import task\n"
         "from twistsock import client\n"
         "def main(reactor):\n"
-        f"    d = client.echo('tls:localhost:{bad.ports[name]}', b'hi', ca={str(bad.ca)!r}, reactor=reactor)\n"
-        "    d.addCallbacks(lambda _: print('ACCEPTED'), lambda f: print(type(f.value).__name__, f.value.exitStatus, f.value))\n"
+        f"    d = client.echo('tls:localhost:{bad.ports[name]}', b'hi', ca={str(bad.ca)!r}, "
+        "reactor=reactor)\n"
+        "    d.addCallbacks(lambda _: print('ACCEPTED'), lambda f: "
+        "print(type(f.value).__name__, f.value.exitStatus, f.value))\n"
         "    return d\n"
         "task.react(main)\n"
     )
@@ -544,7 +572,8 @@ def test_the_client_module_refuses_a_certificate_not_for_the_host(bad, name):
     )
     assert (
         result.stdout
-        == f"CertificateError 6 tls:localhost:{bad.ports[name]}: certificate verification failed: {bad.leaves[name][1]}\n"
+        == f"CertificateError 6 tls:localhost:{bad.ports[name]}: certificate verification failed: "
+        f"{bad.leaves[name][1]}\n"
     ), result.stderr
     assert result.stderr == ""
 
@@ -628,7 +657,10 @@ def neverIdle(material):
 def test_after_the_service_closes_the_server_closes_the_socket(
     neverIdle, material, service, transport
 ):
-    """Python ssl: read the reply and the server's close_notify, answer it, and see the server end TCP."""
+    """
+    Python ssl: read the reply and the server's close_notify, answer it, and
+    see the server end TCP.
+    """
     (entry,) = [
         e for e in neverIdle.listening if e.service == service and e.endpoint.startswith(transport)
     ]
@@ -662,7 +694,10 @@ def test_after_the_service_closes_the_server_closes_the_socket(
 def test_ncat_and_socat_with_end_of_input_after_a_last_line_without_newline(
     neverIdleAll, material, tool, service, reply
 ):
-    """ncat ends with a FIN and no close_notify, socat with both: the end of input either way, and the socket closes."""
+    """
+    ncat ends with a FIN and no close_notify, socat with both: the end of input
+    either way, and the socket closes.
+    """
     port = neverIdleAll[service]
     if tool == "ncat":
         command = [

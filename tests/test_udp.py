@@ -176,7 +176,7 @@ def test_buckets_forget_idle_sources_and_stay_bounded():
 def test_a_flood_from_one_source_is_held_to_the_rate():
     s, clock = server(rate=100, burst=200)
     answered = 0
-    for i in range(100_000):
+    for _ in range(100_000):
         clock.now += 0.0001  # 10,000 datagrams a second for 10 s
         answered += s.handle(b"p", "192.0.2.1", 40000) is not None
     assert 200 + 100 * 10 - 5 <= answered <= 200 + 100 * 10 + 5

@@ -32,7 +32,10 @@ def port(server, name) -> int:
 def exchange(
     destination: tuple, data: bytes, *, family=socket.AF_INET, bind=None, timeout=2.0
 ) -> bytes | None:
-    """Send from a connected socket (which drops replies from any other address) and wait for one reply."""
+    """
+    Send from a connected socket (which drops replies from any other address)
+    and wait for one reply.
+    """
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         if bind:
             s.bind(bind)
@@ -66,7 +69,10 @@ def test_upper(server):
 
 
 def test_the_reply_leaves_from_the_address_the_request_was_sent_to(server):
-    """127.0.0.2 is as local as 127.0.0.1; a reply from .1 would be dropped by this connected socket."""
+    """
+    127.0.0.2 is as local as 127.0.0.1; a reply from .1 would be dropped by
+    this connected socket.
+    """
     assert exchange(("127.0.0.2", port(server, "echo")), b"to .2") == b"to .2"
     with socket.socket(
         socket.AF_INET, socket.SOCK_DGRAM
@@ -211,5 +217,6 @@ def test_udp_port_in_use_is_one_line_and_status_1():
     assert result.returncode == 1
     assert (
         result.stderr
-        == f"twistsock: error: cannot listen on udp:{busy}:interface=127.0.0.1 (echo): Address already in use\n"
+        == f"twistsock: error: cannot listen on udp:{busy}:interface=127.0.0.1 (echo): "
+        "Address already in use\n"
     )

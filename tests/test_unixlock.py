@@ -1,4 +1,7 @@
-"""UNIX sockets and their lock files: removed at a clean exit, reclaimed when nothing answers, refused when something does."""
+"""
+UNIX sockets and their lock files: removed at a clean exit, reclaimed when
+nothing answers, refused when something does.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ def start(mode: tuple[str, ...], *args: str):
 
 @pytest.fixture
 def unrelated():
-    """A live process that has nothing to do with any socket (as a PID reused after a container restart)."""
+    """
+    A live process that has nothing to do with any socket (as a PID reused
+    after a container restart).
+    """
     process = subprocess.Popen(["sleep", str(int(WAIT * 4))])
     yield process.pid
     process.kill()

@@ -110,7 +110,7 @@ def test_metrics_add_up_over_workers_and_udp_stays_in_the_master():
     try:
         tcp = next(e for e in server.listening if e.endpoint.startswith("tcp:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
-        for i in range(10):
+        for _ in range(10):
             assert twistsock("echo", tcp.target, "0123456789").returncode == 0
         assert twistsock("udp", "127.0.0.1", str(datagram.port), "dgram").returncode == 0
         servedBy(server, 10)

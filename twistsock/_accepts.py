@@ -62,7 +62,10 @@ class AcceptErrors:
     def watch(
         cls, port: Any, reactor: Any, service: str, endpoint: str, tally: Any
     ) -> AcceptErrors | None:
-        """Summarize C{port}'s accept failures, if it is a Twisted port that logs them; else leave it be."""
+        """
+        Summarize C{port}'s accept failures, if it is a Twisted port that logs
+        them; else leave it be.
+        """
         logger = getattr(port, "_logger", None)
         if not isinstance(logger, Logger):
             return None
@@ -89,7 +92,8 @@ class AcceptErrors:
             return
         self.started = now
         self.log.warn(
-            "cannot take new connections on {endpoint} ({service}): no file descriptor left ({error}, open-file limit {limit}); "
+            "cannot take new connections on {endpoint} ({service}): no file descriptor left "
+            "({error}, open-file limit {limit}); "
             "refusing them until connections close",
             endpoint=self.endpoint,
             service=self.service,
@@ -99,6 +103,7 @@ class AcceptErrors:
         self._check = self.reactor.callLater(QUIET, self._maybeEnded)
 
     def _maybeEnded(self) -> None:
+        assert self.started is not None  # set by the burst that scheduled this
         now = self.reactor.seconds()
         if now - self.last < QUIET:
             self._check = self.reactor.callLater(QUIET - (now - self.last), self._maybeEnded)

@@ -104,7 +104,10 @@ def holdsOutput(transport: Any) -> bool:
 
 
 def canWriteDirectly(transport: Any) -> bool:
-    """Whether L{writeDirectly} may be used for C{transport}: a Twisted socket transport with Twisted's own write."""
+    """
+    Whether L{writeDirectly} may be used for C{transport}: a Twisted socket
+    transport with Twisted's own write.
+    """
     if getattr(transport.write, "__func__", None) not in _PLAIN_WRITES:
         return False  # not Twisted's buffering write (another transport, or replaced on this one)
     kind = type(transport)
@@ -116,5 +119,6 @@ def canWriteDirectly(transport: Any) -> bool:
     return known
 
 
-# Per transport class: whether it is a Twisted socket transport with every attribute the fast path reads.
+# Per transport class: whether it is a Twisted socket transport with every
+# attribute the fast path reads.
 _CAPABLE: dict[type, bool] = {}

@@ -93,16 +93,17 @@ def oneLine(text: str) -> str:
     )
 
 
-def errorText(e: BaseException) -> str:
+def errorText(e: BaseException | None) -> str:
     """
     The part of a connection error a user needs, as one line: OpenSSL's
     reason strings (C{unsupported protocol}), the OS error text of Twisted's
-    connection errors (C{Connection refused}), else the message.
+    connection errors (C{Connection refused}), else the message.  C{e} is
+    usually a L{Failure}'s C{value}, which Twisted types as optional.
     """
     return oneLine(_errorText(e))
 
 
-def _errorText(e: BaseException) -> str:
+def _errorText(e: BaseException | None) -> str:
     if isinstance(e, _error.CannotListenError) and e.socketError is not None:
         return _errorText(e.socketError)
     if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):

@@ -1,14 +1,19 @@
-"""A protocol that sits between a transport and another protocol, and is that protocol's transport."""
+"""
+A protocol that sits between a transport and another protocol, and is that
+protocol's transport.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard, cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._direct import canWriteDirectly, loseDirectly, writeDirectly
+from ._types import IStreamTransport
 
 
 @implementer(IHalfCloseableProtocol)
@@ -23,6 +28,9 @@ class Layer(Protocol):
     #: Whether our transport is a Twisted socket transport that we may send on directly.
     _direct = False
 
+    #: The transport below, from makeConnection on.
+    transport: IStreamTransport
+
     def __init__(self, wrapped: IProtocol) -> None:
         self.wrapped = wrapped
 
@@ -31,7 +39,11 @@ class Layer(Protocol):
     def makeConnection(self, transport: Any) -> None:
         self._direct = canWriteDirectly(transport)
         Protocol.makeConnection(self, transport)
-        self.wrapped.makeConnection(self)
+        # We are the wrapped protocol's transport, but do not declare
+        # ITransport: Twisted's TLS protocol copies its transport's declared
+        # interfaces onto itself (see _halfCloseable), and more of them would
+        # change which one it keeps.
+        self.wrapped.makeConnection(cast(ITransport, self))
 
     def dataReceived(self, data: bytes) -> None:
         self.wrapped.dataReceived(data)
@@ -46,7 +58,7 @@ class Layer(Protocol):
         if _halfCloseable(self.wrapped):
             self.wrapped.writeConnectionLost()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.wrapped.connectionLost(reason)
 
     # -- the transport, as the protocol above sees it --
@@ -99,7 +111,7 @@ class Layer(Protocol):
         return getattr(self.transport, name)
 
 
-def _halfCloseable(protocol: IProtocol) -> bool:
+def _halfCloseable(protocol: IProtocol) -> TypeGuard[IHalfCloseableProtocol]:
     """
     Whether a protocol's class handles half-close.  Not C{providedBy}: a TLS
     protocol copies its transport's interfaces onto itself, so above a Layer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -21,8 +21,11 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from ._direct import canWriteDirectly, writeDirectly
+from ._types import IStreamTransport
 
-try:  # pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's crypto module uses it too)
+# pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's
+# crypto module uses it too).
+try:
     from OpenSSL.SSL import _ffi, _lib
 
     _memoryBIOSize = _lib.BIO_get_mem_data
@@ -166,6 +169,9 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     _delivering = False
     _held: list[bytes]
 
+    #: The socket transport beneath, from makeConnection on.
+    transport: IStreamTransport
+
     def makeConnection(self, transport: Any) -> None:
         self._direct = canWriteDirectly(transport)
         self._held = []
@@ -268,7 +274,7 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         if not self._inputEnded:
             self._inputEnded = True
             if not self._aborted:
-                self.wrappedProtocol.readConnectionLost()
+                cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
         return True
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -305,7 +311,7 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
             # A FIN without close_notify (ncat, many scripts): the end of
             # input too, as over TCP, once the handshake is done.
             self._inputEnded = self._peerGone = True
-            self.wrappedProtocol.readConnectionLost()
+            cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
             return
         self._tlsConnection.bio_shutdown()
         self._flushReceiveBIO()

@@ -59,7 +59,9 @@ def reclaimStale(path: str) -> None:
         )
     try:
         if os.readlink(lock) != pid:
-            return  # another server starting at the same time took it: its socket is not ours to remove
+            # Another server starting at the same time took it: its socket is
+            # not ours to remove.
+            return
         os.unlink(lock)
     except FileNotFoundError:
         return  # likewise

@@ -70,7 +70,8 @@ def generate(
     directory = Path(directory)
     if not 1 <= days <= MAX_DAYS:
         raise ValueError(
-            f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less than 366)"
+            f"--days must be from 1 to {MAX_DAYS} (Mozilla's intermediate profile allows less "
+            "than 366)"
         )
     allNames = tuple(dict.fromkeys([*DEFAULT_NAMES, *(hostName(n) for n in names)]))
     paths = [directory / name for name in FILES]
@@ -128,7 +129,7 @@ def generate(
             paths[2]: (_keyPem(client[0]) + _pem(client[1]), 0o600),
         }
     )
-    return Generated(*paths, names=allNames)
+    return Generated(paths[0], paths[1], paths[2], names=allNames)
 
 
 def _builder(
@@ -167,13 +168,14 @@ def hostName(name: str, *, wildcard: bool = True, scoped: bool = False) -> str:
     except ValueError:
         pass
     else:
-        if getattr(address, "scope_id", None) and not scoped:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id and not scoped:
             raise ValueError(
                 f"{name!r}: a certificate cannot name an address with a scope (%{address.scope_id})"
             )
         return str(address)
     refused = ValueError(
-        f"{name!r} is neither a host name (letters, digits and hyphens in labels between dots) nor an IP address"
+        f"{name!r} is neither a host name (letters, digits and hyphens in labels between "
+        "dots) nor an IP address"
     )
     labels = text.rstrip(".").split(".")
     star = wildcard and labels[0] == "*" and len(labels) > 1

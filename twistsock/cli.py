@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar, cast
 
 from twisted.internet import defer, task
 
@@ -42,6 +43,8 @@ _EPILOG = (
     + "\n".join(f"  {status:>3}  {meaning}" for status, meaning in EXIT_STATUSES.items())
 )
 
+_T = TypeVar("_T")
+
 # An endpoint string starts with its type name and a colon: "tcp:", "unix:".
 _ENDPOINT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*:")
 
@@ -52,12 +55,15 @@ class _Parser(argparse.ArgumentParser):
     not 2: 2 is "unknown host".
     """
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(64, f"{self.prog}: error: {message} ({self.prog} --help shows the usage)\n")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[_Parser, argparse.Namespace]:
-    """Parse, letting options come after TARGET and MESSAGE (twistsock echo HOST PORT --size 250)."""
+    """
+    Parse, letting options come after TARGET and MESSAGE (twistsock echo HOST
+    PORT --size 250).
+    """
     parser, commands = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in commands.choices:
@@ -82,7 +88,10 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
 
     def command(name: str, help: str, rest: str, tls: bool = True) -> argparse.ArgumentParser:
         tail = f" [{rest}]" if rest else ""
-        usage = f"twistsock {name} [options] TARGET{tail}\n       twistsock {name} [options] HOST PORT{tail}"
+        usage = (
+            f"twistsock {name} [options] TARGET{tail}\n"
+            f"       twistsock {name} [options] HOST PORT{tail}"
+        )
         sub = commands.add_parser(
             name,
             help=help,
@@ -121,13 +130,19 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
             "--timeout",
             type=_seconds,
             default=client.DEFAULT_TIMEOUT,
-            help="seconds the whole exchange may take; streaming standard input, connecting only (default: %(default)g)",
+            help=(
+                "seconds the whole exchange may take; streaming standard input, connecting only "
+                "(default: %(default)g)"
+            ),
         )
         if tls:
             sub.add_argument(
                 "--ca",
                 metavar="FILE",
-                help="tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the system's",
+                help=(
+                    "tls: trust the CA certificates in FILE (e.g. certs/ca.pem) instead of the "
+                    "system's"
+                ),
             )
             sub.add_argument(
                 "--cert",
@@ -138,12 +153,14 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
 
     command(
         "send",
-        "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream standard input and wait until the server has read it all and closed.",
+        "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream "
+        "standard input and wait until the server has read it all and closed.",
         "MESSAGE",
     )
     echo = command(
         "echo",
-        "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream standard input and write the echo to standard output as it comes.",
+        "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream "
+        "standard input and write the echo to standard output as it comes.",
         "MESSAGE",
     )
     echo.add_argument(
@@ -151,18 +168,23 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     )
     command(
         "upper",
-        "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send every line of standard input and print every reply (a server started with --keep-open answers them all).",
+        "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send "
+        "every line of standard input and print every reply (a server started with "
+        "--keep-open answers them all).",
         "LINE",
     )
     command(
         "raw",
-        "An interactive session with any service, like nc HOST PORT: standard input to the server, its replies to standard output; the end of input half-closes, and it ends when the server closes.",
+        "An interactive session with any service, like nc HOST PORT: standard input to the "
+        "server, its replies to standard output; the end of input half-closes, and it ends "
+        "when the server closes.",
         "",
     )
     command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
     datagram = command(
         "udp",
-        "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or HOST PORT.",
+        "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or "
+        "HOST PORT.",
         "MESSAGE",
         tls=False,
     )
@@ -170,18 +192,27 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         "--retries",
         type=_size,
         default=client.DEFAULT_RETRIES,
-        help="send again this many times, evenly within --timeout, while no reply has come (default: %(default)s)",
+        help=(
+            "send again this many times, evenly within --timeout, while no reply has come "
+            "(default: %(default)s)"
+        ),
     )
     datagram.add_argument(
         "--no-reply",
         action="store_true",
-        help="send the datagram once and exit 0 without waiting for a reply (for sink, which never answers)",
+        help=(
+            "send the datagram once and exit 0 without waiting for a reply (for sink, which never "
+            "answers)"
+        ),
     )
     certs = commands.add_parser(
         "certs",
         help="Make a local CA, a server and a client certificate.",
-        description="Make a local CA (ca.pem), a server key and certificate (server.pem) and a client key and certificate (client.pem). "
-        "The CA's key signs the two and is never written: renewing means making all three again (--force).",
+        description=(
+            "Make a local CA (ca.pem), a server key and certificate (server.pem) and a client key "
+            "and certificate (client.pem). The CA's key signs the two and is never written: "
+            "renewing means making all three again (--force)."
+        ),
     )
     certs.add_argument(
         "directory",
@@ -201,7 +232,10 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         "--days",
         type=_days,
         default=certsModule.VALID_DAYS,
-        help=f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} (default: %(default)s; 90 for the modern TLS profile)",
+        help=(
+            f"how long the server and client certificates are valid, 1 to {certsModule.MAX_DAYS} "
+            "(default: %(default)s; 90 for the modern TLS profile)"
+        ),
     )
     certs.add_argument(
         "--force",
@@ -211,7 +245,10 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     completion = commands.add_parser(
         "completion",
         help="Print a shell completion script.",
-        description='Print a completion script for the shell: eval "$(twistsock completion bash)" in ~/.bashrc, or twistsock completion zsh in a zsh fpath file.',
+        description=(
+            'Print a completion script for the shell: eval "$(twistsock completion bash)" in '
+            "~/.bashrc, or twistsock completion zsh in a zsh fpath file."
+        ),
     )
     completion.add_argument("shell", choices=("bash", "zsh"), help="bash or zsh")
     return parser, commands
@@ -251,12 +288,13 @@ def _days(text: str) -> int:
     value = int(_number(text, int))
     if not 1 <= value <= certsModule.MAX_DAYS:
         raise argparse.ArgumentTypeError(
-            f"must be from 1 to {certsModule.MAX_DAYS} (Mozilla's intermediate profile allows less than 366)"
+            f"must be from 1 to {certsModule.MAX_DAYS} (Mozilla's intermediate profile allows "
+            "less than 366)"
         )
     return value
 
 
-def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
+def splitTarget(words: Sequence[str]) -> tuple[str | tuple[str, int], list[str]]:
     """
     Split C{TARGET [MESSAGE...]} or C{HOST PORT [MESSAGE...]}.
 
@@ -272,7 +310,8 @@ def splitTarget(words: Sequence[str]) -> tuple[client.Target, list[str]]:
             else (joined.group(3), joined.group(4))
         )
         raise ValueError(
-            f"{first!r}: give HOST and PORT as two words ({host} {port}) or an endpoint string (tcp:{first})"
+            f"{first!r}: give HOST and PORT as two words ({host} {port}) or an endpoint "
+            f"string (tcp:{first})"
         )
     if _ENDPOINT_TYPE.match(first) and not isIPv6Literal(first):
         return first, rest
@@ -326,11 +365,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _verbose() -> None:
-    """Show the client's debug events (connections, TLS) on standard error, one line each, and the time at the end."""
+    """
+    Show the client's debug events (connections, TLS) on standard error, one
+    line each, and the time at the end.
+    """
     import atexit
     import time
 
-    from twisted.logger import formatEvent, globalLogBeginner
+    from twisted.logger import ILogObserver, formatEvent, globalLogBeginner
 
     started = time.monotonic()
 
@@ -339,14 +381,20 @@ def _verbose() -> None:
             sys.stderr.write(f"twistsock: {formatEvent(event)}\n")
             sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([show], discardBuffer=True, redirectStandardIO=False)
+    # Any callable is an observer, though Twisted annotates them as ILogObserver.
+    globalLogBeginner.beginLoggingTo(
+        [cast(ILogObserver, show)], discardBuffer=True, redirectStandardIO=False
+    )
     atexit.register(
         lambda: sys.stderr.write(f"twistsock: {time.monotonic() - started:.3f} s in all\n")
     )
 
 
 def _reopenClosedStandardStreams() -> None:
-    """Started with standard input or output closed (C{<&-}, C{>&-}): /dev/null in their place, so they read as empty and swallow output."""
+    """
+    Started with standard input or output closed (C{<&-}, C{>&-}): /dev/null in
+    their place, so they read as empty and swallow output.
+    """
     for fd, mode, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout")):
         try:
             os.fstat(fd)
@@ -363,7 +411,10 @@ def _interrupt(number: int, frame: object) -> None:
 
 
 def completionScript(shell: str) -> str:
-    """A bash (or zsh, through bashcompinit) completion script for the commands and their options."""
+    """
+    A bash (or zsh, through bashcompinit) completion script for the commands
+    and their options.
+    """
     _, commands = _parser()
     cases = []
     for name, sub in commands.choices.items():
@@ -402,10 +453,11 @@ def _certs(args: argparse.Namespace) -> None:
         made = certsModule.generate(args.directory, args.name, force=args.force, days=args.days)
     except (certsModule.CertificatesExist, ValueError, OSError) as e:
         sys.stderr.write(f"twistsock: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     print(f"{made.ca}: the local CA certificate (trust it with --ca)")
     print(
-        f"{made.server}: server key and certificate for {', '.join(made.names)}, valid {args.days} day{'s' if args.days != 1 else ''}"
+        f"{made.server}: server key and certificate for {', '.join(made.names)}, valid "
+        f"{args.days} day{'s' if args.days != 1 else ''}"
     )
     print(f"{made.client}: client key and certificate for mutual TLS (present it with --cert)")
 
@@ -416,7 +468,12 @@ def _react(
     finished: list[bool] = []
     interrupted: list[bool] = []
     exchange = defer.maybeDeferred(run, reactor)
-    exchange.addBoth(lambda result: finished.append(True) or result)
+
+    def finish(result: _T) -> _T:
+        finished.append(True)
+        return result
+
+    exchange.addBoth(finish)
 
     def shutdown() -> None:
         # SIGINT or SIGTERM stops the reactor: end the exchange, wherever it is.
@@ -488,12 +545,18 @@ def _echo(args, target, message):
         if message is not None:
             raise ValueError("give either a MESSAGE or --size, not both")
         data = os.urandom(args.size)
-        show = lambda echoed: _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+
+        def show(echoed: bytes) -> None:
+            _out(b"Received: %d bytes, identical to those sent" % len(echoed))
+
     elif message is None:
         return _stream(args, target, "echo")
     else:
         data = message
-        show = lambda echoed: _out(b"Received: ", echoed)
+
+        def show(echoed: bytes) -> None:
+            _out(b"Received: ", echoed)
+
     return lambda reactor: client.echo(
         target,
         data,

@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union, cast, overload
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
+from twisted.internet import udp as _udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -42,19 +43,26 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IPushProducer,
     IReactorTime,
     IResolutionReceiver,
     ISSLTransport,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from . import tls
 from ._format import describe, errorText, oneLine, printable, splitHostTarget
+from ._types import IStreamTransport
 from .certs import hostName
+
+if TYPE_CHECKING:
+    # What twisted.internet.stdio.StandardIO is on POSIX; the type checker
+    # sees the Windows one (stdio chooses with platform.isWindows()).
+    from twisted.internet._posixstdio import StandardIO as _StandardIO
 
 __all__ = [
     "Target",
@@ -133,13 +141,19 @@ class CertificateError(ClientError):
 
 
 class TLSFailed(ClientError):
-    """The TLS handshake failed otherwise: e.g. the server refused our certificate or TLS version."""
+    """
+    The TLS handshake failed otherwise: e.g. the server refused our certificate
+    or TLS version.
+    """
 
     exitStatus = 7
 
 
 class ServerError(ClientError):
-    """The server answered with an error (C{error: line longer than 65536 bytes}); C{reply} holds its line."""
+    """
+    The server answered with an error (C{error: line longer than 65536 bytes});
+    C{reply} holds its line.
+    """
 
     exitStatus = 8
 
@@ -259,6 +273,45 @@ MAX_DATAGRAM = 65507
 MAX_DATAGRAM6 = 65527
 
 
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: Literal[True] = ...,
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[bytes]: ...
+
+
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: Literal[False],
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[None]: ...
+
+
+@overload
+def udp(
+    target: str | tuple[str, int],
+    data: bytes,
+    *,
+    timeout: float = ...,
+    retries: int = ...,
+    reply: bool,
+    family: int = ...,
+    reactor: Any = ...,
+) -> defer.Deferred[bytes | None]: ...
+
+
 def udp(
     target: str | tuple[str, int],
     data: bytes,
@@ -268,7 +321,7 @@ def udp(
     reply: bool = True,
     family: int = 0,
     reactor: Any = None,
-) -> defer.Deferred[bytes | None]:
+) -> defer.Deferred[Any]:  # the overloads above say which
     """
     Send one datagram and fire with the first reply (seed 002's UDP client).
     The datagram is sent again C{retries} times, evenly within C{timeout}, if
@@ -280,13 +333,14 @@ def udp(
     """
     data = _check(data, "data", timeout)
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     host, port = udpTarget(target)
     if (family == socket.AF_INET6 and isIPAddress(host)) or (
         family == socket.AF_INET and isIPv6Address(host)
     ):
         raise ValueError(
-            f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and IPv{6 if family == socket.AF_INET6 else 4} only was asked for"
+            f"{host} is an IPv{4 if isIPAddress(host) else 6} address, and "
+            f"IPv{6 if family == socket.AF_INET6 else 4} only was asked for"
         )
     limit = (
         MAX_DATAGRAM6
@@ -314,8 +368,9 @@ def _silentServer(reason: Failure) -> Failure:
     """A UDP timeout: say why a server may not answer."""
     if reason.check(Timeout):
         raise Timeout(
-            f"{reason.value}: no reply (sink never answers: send without waiting for one; twistsock's servers send no "
-            "reply larger than its request, so ack answers only datagrams of 18 bytes or more; a rate limit drops replies too)"
+            f"{reason.value}: no reply (sink never answers: send without waiting for one; "
+            "twistsock's servers send no reply larger than its request, so ack answers only "
+            "datagrams of 18 bytes or more; a rate limit drops replies too)"
         )
     return reason
 
@@ -369,7 +424,11 @@ def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Defer
 
     from twisted.internet.address import IPv4Address, IPv6Address
 
-    types = {socket.AF_INET: [IPv4Address], socket.AF_INET6: [IPv6Address]}.get(family)
+    byFamily: dict[int, list[type]] = {
+        socket.AF_INET: [IPv4Address],
+        socket.AF_INET6: [IPv6Address],
+    }
+    types = byFamily.get(family)
     reactor.nameResolver.resolveHostName(
         Receiver(), host, port, addressTypes=types, transportSemantics="UDP"
     )
@@ -378,6 +437,11 @@ def _resolve(reactor: Any, host: str, port: int, family: int = 0) -> defer.Defer
 
 class _DatagramExchange(DatagramProtocol):
     """Send a datagram every C{interval} seconds, C{attempts} times, until a reply comes."""
+
+    #: A connected UDP port: Twisted's udp.Port, whose write needs no address.
+    transport: _udp.Port | None
+    #: The port to send to; set by L{udp} before L{start}.
+    peerPort: int
 
     def __init__(
         self, reactor: Any, data: bytes, interval: float, attempts: int, reply: bool = True
@@ -389,17 +453,19 @@ class _DatagramExchange(DatagramProtocol):
         self.attempts = attempts
         self.port: Any = None
         self._resend: Any = None
-        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.done: defer.Deferred[bytes | None] = defer.Deferred()
 
-    def start(self, address: str) -> defer.Deferred[bytes]:
+    def start(self, address: str) -> defer.Deferred[bytes | None]:
         if ":" not in address and len(self.data) > MAX_DATAGRAM:  # a name that resolved to IPv4
             raise ValueError(
-                f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} bytes, not {len(self.data)}"
+                f"a datagram to an IPv4 address ({address}) holds at most {MAX_DATAGRAM} "
+                f"bytes, not {len(self.data)}"
             )
         interface = "::" if ":" in address else "0.0.0.0"
         self.port = self.reactor.listenUDP(
             0, self, interface=interface, maxPacketSize=MAX_DATAGRAM + 1024
         )
+        assert self.transport is not None  # listenUDP made the connection
         self.transport.connect(address, self.peerPort)
         self._send()
         return self.done
@@ -453,6 +519,8 @@ log = Logger(namespace="twistsock.client")
 class _Reporting(Protocol):
     """Say, at debug level, where a connection goes and what TLS it got."""
 
+    transport: IStreamTransport
+
     def makeConnection(self, transport: Any) -> None:
         _declareThrough(transport, self)
         log.debug(
@@ -463,14 +531,16 @@ class _Reporting(Protocol):
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
-        handle = self.transport.getHandle()
+        # A TLS transport's handle is its pyOpenSSL connection (ISystemHandle says object).
+        handle = cast(SSL.Connection, self.transport.getHandle())
         certificate = (
             handle.get_peer_certificate(as_cryptography=True)
             if hasattr(handle, "get_peer_certificate")
             else None
         )
         log.debug(
-            "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by {issuer}",
+            "TLS: {version}, {cipher}, group {group}; server certificate {subject}, issued by "
+            "{issuer}",
             version=handle.get_protocol_version_name(),
             cipher=handle.get_cipher_name(),
             group=_group(handle),
@@ -542,7 +612,7 @@ class _Exchange(_Reporting):
             self.done.errback(reason)
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if self._result is not _PENDING:
@@ -553,7 +623,10 @@ class _Exchange(_Reporting):
     _answered = False
 
     def answeredWithTLS(self, chunk: bytes) -> bool:
-        """Whether the server's first bytes are TLS though we spoke plain (then the exchange fails, saying so)."""
+        """
+        Whether the server's first bytes are TLS though we spoke plain (then
+        the exchange fails, saying so).
+        """
         if self._answered:
             return False
         self._answered = True
@@ -625,12 +698,14 @@ class _Echo(_Exchange):
         expected = memoryview(self.data)[start:end]
         if expected != chunk:
             at = start + next(
-                (i for i, (a, b) in enumerate(zip(expected, chunk)) if a != b), len(expected)
+                (i for i, (a, b) in enumerate(zip(expected, chunk, strict=False)) if a != b),
+                len(expected),
             )
             if at >= len(self.data):
                 self.fail(
                     EchoMismatch(
-                        f"echo mismatch: {end - len(self.data)} bytes more came back than the {len(self.data)} sent"
+                        f"echo mismatch: {end - len(self.data)} bytes more came back than the "
+                        f"{len(self.data)} sent"
                     )
                 )
             else:
@@ -644,7 +719,8 @@ class _Echo(_Exchange):
         if reason.check(error.ConnectionDone):
             self.fail(
                 EchoMismatch(
-                    f"echo mismatch: the server closed after {self.received} of {len(self.data)} bytes came back"
+                    f"echo mismatch: the server closed after {self.received} of "
+                    f"{len(self.data)} bytes came back"
                 )
             )
         else:
@@ -748,19 +824,20 @@ def endpoint(
 ) -> IStreamClientEndpoint:
     """
     The client endpoint for a target.  C{family} (C{socket.AF_INET} or
-    C{AF_INET6}; 0 for either) restricts a TCP or TLS target to IPv4 or IPv6.  A C{tls:HOST:PORT} target verifies the
-    server's certificate and name against the CA certificates in the file
-    C{ca} (else the platform's trust store) and presents the key and
-    certificate in the file C{cert}, if given.
+    C{AF_INET6}; 0 for either) restricts a TCP or TLS target to IPv4 or IPv6.
+    A C{tls:HOST:PORT} target verifies the server's certificate and name
+    against the CA certificates in the file C{ca} (else the platform's trust
+    store) and presents the key and certificate in the file C{cert}, if given.
 
     @raise ValueError: malformed target, C{ca} or C{cert} without C{tls:}, or
         an unreadable certificate file.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     if not (isinstance(target, (str, tuple)) or IStreamClientEndpoint.providedBy(target)):
         raise TypeError(
-            f"a target is an endpoint string, a (host, port) pair or an IStreamClientEndpoint, not {type(target).__name__}"
+            "a target is an endpoint string, a (host, port) pair or an "
+            f"IStreamClientEndpoint, not {type(target).__name__}"
         )
     if isinstance(target, tuple) and len(target) != 2:
         raise ValueError(f"a (host, port) target has two parts, not {len(target)}")
@@ -772,11 +849,13 @@ def endpoint(
         isinstance(target, tuple) or (isinstance(target, str) and target.startswith("tcp:"))
     ):
         raise ValueError(
-            f"IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not {_describe(target)}"
+            "IPv4 or IPv6 only (-4, -6) needs a HOST PORT, tcp: or tls: target, not "
+            f"{_describe(target)}"
         )
     if isinstance(target, str) and target.startswith("ssl:"):
         raise ValueError(
-            f"{target!r}: ssl: targets do not check the server's certificate; use tls:HOST:PORT (with --ca FILE for a private CA)"
+            f"{target!r}: ssl: targets do not check the server's certificate; use "
+            "tls:HOST:PORT (with --ca FILE for a private CA)"
         )
     if ca or cert:
         raise ValueError("a CA or client certificate needs a tls:HOST:PORT target")
@@ -859,7 +938,10 @@ def streamEndpoint(
 
 @implementer(IStreamClientEndpoint)
 class _ResolvingEndpoint:
-    """Resolve a name in a thread of its own (see L{streamEndpoint}), then connect to its first address."""
+    """
+    Resolve a name in a thread of its own (see L{streamEndpoint}), then connect
+    to its first address.
+    """
 
     def __init__(
         self,
@@ -914,7 +996,8 @@ class _ResolvingEndpoint:
             if reason.check(socket.gaierror):
                 if self.family:
                     raise UnknownHost(
-                        f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for {self.host}"
+                        f"no IPv{6 if self.family == socket.AF_INET6 else 4} address for "
+                        f"{self.host}"
                     )
                 raise error.DNSLookupError(self.host)
             return reason
@@ -989,7 +1072,7 @@ def _exchange(
     family: int = 0,
 ) -> defer.Deferred:
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     where = _describe(target)
     connectTimeout = targetTimeout(target, timeout)
     d = connectProtocol(
@@ -1029,7 +1112,10 @@ def _cancellable(inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
 
 class _ConnectTimeout(Exception):
-    """The connection was not made within the connect timeout (as the endpoint string may set it)."""
+    """
+    The connection was not made within the connect timeout (as the endpoint
+    string may set it).
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -1098,16 +1184,18 @@ def _hintTLS(reason: Failure, target: Target) -> Failure:
         and ("connection lost" in text.lower() or "without a reply" in text)
     ):
         raise type(e)(
-            f"{text} (if the TLS handshake never finished, the server may not speak TLS: then use tcp:HOST:PORT)"
+            f"{text} (if the TLS handshake never finished, the server may not speak TLS: then "
+            "use tcp:HOST:PORT)"
         )
     if tlsTarget and isinstance(e, Timeout):
         raise Timeout(
-            f"{text} (if the TLS handshake never finished, the port may be a plain one waiting for a line: use tcp:HOST:PORT)"
+            f"{text} (if the TLS handshake never finished, the port may be a plain one "
+            "waiting for a line: use tcp:HOST:PORT)"
         )
     return reason
 
 
-def _errno(e: BaseException) -> int | None:
+def _errno(e: BaseException | None) -> int | None:
     """The errno of a Twisted connection error (kept in C{osError}) or an OSError."""
     if isinstance(e, error.ConnectError):
         return e.osError if isinstance(e.osError, int) else getattr(e.osError, "errno", None)
@@ -1134,7 +1222,10 @@ class RelayResult:
         self.linesReceived = 0
 
     def __repr__(self) -> str:
-        return f"<RelayResult sent={self.sent} received={self.received} lines={self.linesSent}/{self.linesReceived}>"
+        return (
+            f"<RelayResult sent={self.sent} received={self.received} "
+            f"lines={self.linesSent}/{self.linesReceived}>"
+        )
 
 
 def relay(
@@ -1170,7 +1261,7 @@ def relay(
         raise ValueError(f"mode must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
     _check(b"", "data", timeout)
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     where = _describe(target)
     seconds = targetTimeout(target, timeout)
     remote = _Remote(mode, reactor, stdin, stdout)
@@ -1218,10 +1309,14 @@ def _answeredWithTLS() -> TLSFailed:
 
 
 def _looksLikeTLS(data: bytes) -> bool:
-    """Whether bytes from a server begin a TLS record (an alert or a handshake): a TLS port answering plain bytes."""
+    """
+    Whether bytes from a server begin a TLS record (an alert or a handshake): a
+    TLS port answering plain bytes.
+    """
     return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
 
 
+@implementer(IPushProducer)
 class _Gate:
     """
     Standard input's producer, paused for two reasons that do not know of each
@@ -1254,6 +1349,7 @@ class _Gate:
             self.terminal.transport.loseConnection()
 
 
+@implementer(IPushProducer)
 class _Reading:
     """
     The connection as standard output's producer: paused and resumed with
@@ -1278,6 +1374,8 @@ class _Reading:
 class _Terminal(Protocol):
     """Standard input and output, as one half of a relay."""
 
+    transport: _StandardIO | None
+
     def __init__(self, remote: _Remote) -> None:
         self.remote = remote
         self.ended = False
@@ -1293,7 +1391,7 @@ class _Terminal(Protocol):
         # Standard output closed (a reader that went away, like `| head`): nothing more to show.
         self.remote.outputGone()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.remote.terminalClosed()
 
 
@@ -1324,8 +1422,10 @@ class _Remote(_Reporting):
         from twisted.internet import stdio
 
         stdin, stdout = self.fds
-        stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)
+        # The type checker sees Windows' StandardIO, which has no stdin and stdout.
+        stdio.StandardIO(self.terminal, stdin=stdin, stdout=stdout, reactor=self.reactor)  # type: ignore[call-arg]
         self.transport.registerProducer(self.gate, True)
+        assert self.terminal.transport is not None  # StandardIO connected it
         self.terminal.transport.registerProducer(_Reading(self.transport), True)
 
     # standard input -> the connection
@@ -1349,13 +1449,15 @@ class _Remote(_Reporting):
             self.result.linesSent += 1
         self.transport.unregisterProducer()
         if ISSLTransport.providedBy(self.transport):
-            self.transport.loseConnection()  # close_notify: twistsock's servers take it as a half-close
+            # close_notify: twistsock's servers take it as a half-close.
+            self.transport.loseConnection()
         else:
             self.transport.loseWriteConnection()
 
     @property
     def _endsInNewline(self) -> bool:
-        # Only the count of newlines is kept: a last line lacks one if fewer newlines than lines were seen.
+        # Only the count of newlines is kept: a last line lacks one if fewer
+        # newlines than lines were seen.
         return self._lastByte == b"\n"
 
     _lastByte = b""
@@ -1396,7 +1498,10 @@ class _Remote(_Reporting):
             at = (
                 self.result.received
                 - len(data)
-                + next((i for i, (a, b) in enumerate(zip(expected, data)) if a != b), len(expected))
+                + next(
+                    (i for i, (a, b) in enumerate(zip(expected, data, strict=False)) if a != b),
+                    len(expected),
+                )
             )
             self._fail(EchoMismatch(f"echo mismatch at byte {at} of {self.result.sent} sent"))
             return
@@ -1451,7 +1556,7 @@ class _Remote(_Reporting):
     def writeConnectionLost(self) -> None:
         self._sentAll = True  # our FIN went out after every byte of standard input
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         clean = (
@@ -1472,13 +1577,15 @@ class _Remote(_Reporting):
             # Closed, or reset for the bytes it did not read: either way, not delivered.
             how = "" if clean else f"; {errorText(reason.value)}"
             failure = ConnectionFailed(
-                f"the server closed before it had read everything ({self.result.sent} bytes of standard input sent so far{how})"
+                f"the server closed before it had read everything ({self.result.sent} bytes "
+                f"of standard input sent so far{how})"
             )
         if failure is None and not clean:
             failure = _lost(reason)
         if failure is None and self.mode == "echo" and self.pending:
             failure = EchoMismatch(
-                f"echo mismatch: the server closed after {self.result.received} of {self.result.sent} bytes came back"
+                f"echo mismatch: the server closed after {self.result.received} of "
+                f"{self.result.sent} bytes came back"
             )
         if (
             failure is None
@@ -1489,7 +1596,8 @@ class _Remote(_Reporting):
                 ConnectionFailed("the server closed the connection without a reply")
                 if not self.result.received
                 else ConnectionFailed(
-                    f"the server closed after answering {self.result.linesReceived} of {self.result.linesSent} lines "
+                    f"the server closed after answering {self.result.linesReceived} of "
+                    f"{self.result.linesSent} lines "
                     "(it answers one line per connection unless started with --keep-open)"
                 )
             )
@@ -1509,7 +1617,9 @@ class _Remote(_Reporting):
         if terminal is None or terminal.disconnected:
             self._fire()
         elif self._outputGone:
-            terminal.loseConnection()  # stops reading standard input; with no output left, nothing calls back
+            # Stops reading standard input; with no output left, nothing calls
+            # back.
+            terminal.loseConnection()
             self._fire()
         else:
             terminal.loseConnection()  # flushes standard output, then terminalClosed

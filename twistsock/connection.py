@@ -17,13 +17,13 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +32,11 @@ from zope.interface import implementer
 from . import logs
 from ._format import describe, errorText, oneLine
 from ._layer import Layer
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+
+    from .services import LineService
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -44,7 +49,8 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_LINE_TIMEOUT = 10.0
 #: Seconds a connection to a proxy: endpoint has to send its PROXY header, from accept.
 DEFAULT_PROXY_TIMEOUT = 5.0
-#: Per-peer limits count IPv4 clients by address and IPv6 clients by /64 (what one client usually owns).
+#: Per-peer limits count IPv4 clients by address and IPv6 clients by /64 (what
+#: one client usually owns).
 DEFAULT_PEER_PREFIXES = (32, 64)
 #: Connections served at once, over all listening ports.
 DEFAULT_MAX_CONNECTIONS = 10000
@@ -86,7 +92,10 @@ _SYSTEMD = {"INET": "tcp", "INET6": "tcp6", "UNIX": "unix"}
 
 
 def unwrap(endpoint: str) -> tuple[list[str], str, str]:
-    """Split C{proxy:ssl:443:...} into its PROXY wrappers, the inner type, and that type's arguments."""
+    """
+    Split C{proxy:ssl:443:...} into its PROXY wrappers, the inner type, and
+    that type's arguments.
+    """
     wrappers = []
     kind, _, rest = endpoint.partition(":")
     while kind in ("proxy", "haproxy") and rest:
@@ -266,7 +275,8 @@ class Connections:
         connection.peerKey = peer
         return None
 
-    #: Seconds without a refusal that end a burst of them; seconds between two summaries while one lasts.
+    #: Seconds without a refusal that end a burst of them; seconds between two
+    #: summaries while one lasts.
     BURST_QUIET = 1.0
     BURST_SUMMARY = 10.0
 
@@ -378,7 +388,7 @@ class ConnectionFactory(Factory):
 
     def __init__(
         self,
-        service: IProtocolFactory,
+        service: Factory[Any],
         transport: TransportInfo,
         *,
         connections: Connections | None = None,
@@ -399,7 +409,8 @@ class ConnectionFactory(Factory):
         )
         self.handshakeTimeout = handshakeTimeout
         self._hosts: dict[Any, Any] = {}
-        # Per listening port: its address if every connection's local address is that one, else None.
+        # Per listening port: its address if every connection's local address
+        # is that one, else None.
         self._portHosts: dict[Any, Any] = {}
 
     def localAddress(self, transport: Any) -> Any:
@@ -472,7 +483,10 @@ def networkKey(address: str, prefixes: tuple[int, int] = DEFAULT_PEER_PREFIXES) 
 
 
 def _fixedAddress(port: Any) -> Any:
-    """A listening port's address, if all its connections have it as their local address (None if unknown)."""
+    """
+    A listening port's address, if all its connections have it as their local
+    address (None if unknown).
+    """
     try:
         address = port.getHost()
     except Exception:
@@ -518,7 +532,8 @@ class Connection(Layer):
     clientSubject: str | None = None
     #: Counted by the limits (from accept on, beneath a PROXY header).
     admitted = False
-    #: The tick at which the stage in progress (a PROXY header, a line) is late; None if none is timed.
+    #: The tick at which the stage in progress (a PROXY header, a line) is
+    #: late; None if none is timed.
     due: int | None = None
     _stage: str | None = None
     #: Whether the service was connected (and so must hear of the end).
@@ -556,7 +571,7 @@ class Connection(Layer):
     #: No record: a load balancer's health check (connected, closed, sent nothing).
     _quiet = False
 
-    def lostBeforeHeader(self, reason: Failure | None, received: int) -> None:
+    def lostBeforeHeader(self, reason: Failure, received: int) -> None:
         """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
         if self.why is None and not received:
             self._quiet = True  # HAProxy's TCP check: connect, close (or reset), not a byte
@@ -605,7 +620,10 @@ class Connection(Layer):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        certificate = self.transport.getPeerCertificate()
+        # Only TLS connections are told of a handshake.  ISSLTransport says
+        # getPeerCertificate returns an object: pyOpenSSL's X509, or None.
+        transport = cast(ISSLTransport, self.transport)
+        certificate = cast("X509 | None", transport.getPeerCertificate())
         if certificate is not None:
             # A subject may hold any character, newlines included: one line, escaped.
             self.clientSubject = oneLine(certificate.to_cryptography().subject.rfc4514_string())
@@ -637,7 +655,7 @@ class Connection(Layer):
             return
         # A line is timed from its first byte: a new one starts when none was
         # waiting, or when this read completed one and left the start of another.
-        service = self.wrapped
+        service = cast("LineService", self.wrapped)  # factory.timesLines said so
         before = service.lines
         service.dataReceived(data)
         if not service.lineWaiting():
@@ -676,7 +694,7 @@ class Connection(Layer):
         self._ended(SERVICE_CLOSED)
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -724,7 +742,8 @@ class Connection(Layer):
         logs.record(
             self.log,
             record=(
-                f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: {self.why} after {duration:.3f} s, "
+                f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: "
+                f"{self.why} after {duration:.3f} s, "
                 f"{self.bytesIn} bytes in, {self.bytesOut} bytes out{extra}"
             ),
             service=factory.serviceName,

@@ -38,7 +38,8 @@ def serverFromString(reactor: Any, description: str) -> IStreamServerEndpoint:
     args, kwargs = parseArguments(rest)
     if len(args) > 1:
         raise ValueError(
-            f"{kind}: a ':' inside a value is written '\\:' (interface=\\:\\:1), so {':'.join(args[1:])!r} is not a key=value"
+            f"{kind}: a ':' inside a value is written '\\:' (interface=\\:\\:1), so "
+            f"{':'.join(args[1:])!r} is not a key=value"
         )
     empty = [key for key, value in kwargs.items() if not value and key in _FILES]
     if empty:

@@ -1,9 +1,10 @@
 """
 C{[SERVICE@]ENDPOINT} to a listening service.
 
-ENDPOINT is any Twisted server endpoint string, or C{udp:PORT[:interface=ADDR]}.  The service name is the text
-before C{@}, when the text before the first C{:} contains one; otherwise the
-service is C{echo}.
+ENDPOINT is any Twisted server endpoint string, or
+C{udp:PORT[:interface=ADDR]}.  The service name is the text before C{@}, when
+the text before the first C{:} contains one; otherwise the service is
+C{echo}.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -102,7 +105,10 @@ def checkEndpoint(endpoint: str) -> None:
     except Exception as e:  # every parser error is a usage error here
         hint = ""
         if kind == "systemd" and "LISTEN_FDNAMES" not in os.environ:
-            hint = " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
+            hint = (
+                " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. "
+                "FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
+            )
         raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
 
 
@@ -122,7 +128,8 @@ def _checkWrappers(endpoint: str) -> None:
     inner = ":".join(parts[len(names) :])
     if "haproxy" in names:
         raise ValueError(
-            f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a half-close); use proxy:{inner}"
+            f"{endpoint!r}: haproxy: is not served (Twisted's wrapper loses replies after a "
+            f"half-close); use proxy:{inner}"
         )
     if len(names) > 1:
         raise ValueError(f"{endpoint!r}: one PROXY header per connection: use proxy:{inner}")
@@ -151,6 +158,15 @@ class _ParseOnlyReactor:
         raise AttributeError(f"endpoint parsers only store the reactor; {name} used while parsing")
 
 
+class Endpoint(Protocol):
+    """
+    What a L{ListeningService} listens on: a stream server endpoint, given a
+    protocol factory, or a L{DatagramEndpoint}, given a L{DatagramServer}.
+    """
+
+    def listen(self, factory: Any, /) -> Deferred[IListeningPort]: ...
+
+
 class ListenFailed(Exception):
     """A listening service could not listen; the message is one line for the user."""
 
@@ -173,8 +189,8 @@ class ListeningService(Service):
     def __init__(
         self,
         spec: ListenSpec,
-        endpoint: IStreamServerEndpoint,
-        factory: IProtocolFactory,
+        endpoint: Endpoint,
+        factory: IProtocolFactory | DatagramServer,
         onFailure: Callable[[str], None],
         worker: int | None = None,
     ) -> None:
@@ -183,7 +199,8 @@ class ListeningService(Service):
         self.endpoint = endpoint
         self.factory = factory
         self.onFailure = onFailure
-        self._listening: Deferred[IListeningPort] | None = None
+        #: The port, or None if listening failed.
+        self._listening: Deferred[IListeningPort | None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -192,7 +209,7 @@ class ListeningService(Service):
         failedNow: list[str] = []
         starting = True
 
-        def listening(port: IListeningPort) -> IListeningPort:
+        def listening(port: IListeningPort) -> IListeningPort | None:
             self.port = port
             useDirectTLS(port)
             connections = getattr(self.factory, "connections", None)
@@ -215,12 +232,16 @@ class ListeningService(Service):
             )
             return port
 
-        def failed(reason: Failure) -> None:
-            message = f"cannot listen on {self.spec.endpoint} ({self.spec.service}): {errorText(reason.value)}"
+        def failed(reason: Failure) -> IListeningPort | None:
+            message = (
+                f"cannot listen on {self.spec.endpoint} ({self.spec.service}): "
+                f"{errorText(reason.value)}"
+            )
             if starting:
                 failedNow.append(message)
             else:
                 self.onFailure(message)
+            return None
 
         self._listening = self.endpoint.listen(self.factory).addCallbacks(listening, failed)
         starting = False
@@ -240,7 +261,7 @@ class ListeningService(Service):
             return None
         listening.cancel()
 
-        def stop(port: IListeningPort | None) -> object:
+        def stop(port: IListeningPort | None) -> Deferred[None] | None:
             return port.stopListening() if port is not None else None
 
         return listening.addCallback(stop)
@@ -296,7 +317,7 @@ class SocketsService(MultiService):
         return tallies(self.connections, datagrams)
 
     def healthy(self) -> bool:
-        return self.running and not self.connections.draining
+        return bool(self.running) and not self.connections.draining
 
     def privilegedStartService(self) -> None:
         self._raiseOpenFileLimit()
@@ -318,15 +339,19 @@ class SocketsService(MultiService):
         summarizeDatagrams()
         ports = [c for c in reversed(list(self)) if c is not self.metrics]
         stopped = defer.DeferredList([defer.maybeDeferred(c.stopService) for c in ports])
-        stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
-        if self.metrics is not None:
-            stopped.addCallback(lambda _: self.metrics.stopService())
-        return stopped.addCallback(lambda _: None)
+        drained = stopped.addCallback(lambda _: self.connections.drain(self.drainTimeout))
+        metrics = self.metrics
+        if metrics is not None:
+            drained.addCallback(lambda _: metrics.stopService())
+        return drained.addCallback(lambda _: None)
 
     _limitChecked = False
 
     def _raiseOpenFileLimit(self) -> None:
-        """Every connection is a descriptor: allow as many as the hard limit does, and say if that is fewer than --max-connections."""
+        """
+        Every connection is a descriptor: allow as many as the hard limit does,
+        and say if that is fewer than --max-connections.
+        """
         if self._limitChecked:
             return
         self._limitChecked = True
@@ -339,7 +364,8 @@ class SocketsService(MultiService):
         if wanted and wanted + 64 > after:
             self.log.warn(
                 "the open-file limit ({limit}) is below --max-connections {wanted}: "
-                "connections beyond about {usable} will be refused (raise LimitNOFILE= or ulimit -n)",
+                "connections beyond about {usable} will be refused (raise LimitNOFILE= or "
+                "ulimit -n)",
                 limit=after,
                 wanted=wanted,
                 usable=max(0, after - 64),
@@ -414,10 +440,12 @@ def firstSignalOnly() -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    first = []
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    first: list[int] = []
+    handlers: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {
+        number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)
+    }
 
-    def once(number: int, frame: object) -> None:
+    def once(number: int, frame: FrameType | None) -> None:
         if not first:
             first.append(number)
             handler = handlers[number]
@@ -465,7 +493,9 @@ def listeningService(
     reactor = running
     if isUDP(spec):
         port, interface = parseUDP(spec.endpoint)
-        endpoint = DatagramEndpoint(reactor, port, interface or defaultInterface(), summaryInterval)
+        endpoint: Endpoint = DatagramEndpoint(
+            reactor, port, interface or defaultInterface(), summaryInterval
+        )
         server = DatagramServer(
             spec.service, DATAGRAM_SERVICES[spec.service], datagrams, reactor.seconds
         )

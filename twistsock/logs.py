@@ -114,7 +114,10 @@ class LogOutput:
                 time.sleep(BATCH_DELAY)
 
     def _sayMissed(self) -> None:
-        """Queue the line that counts the lines dropped since the last one that fitted (lock held)."""
+        """
+        Queue the line that counts the lines dropped since the last one that
+        fitted (lock held).
+        """
         summary, self._missed = self._summary(self._missed), 0
         self._lines.append(summary)
         self._size += len(summary)
@@ -142,7 +145,10 @@ class LogOutput:
                 self.dropped += len(chunk)  # a closed or full output: lost, and counted
 
     def flush(self, timeout: float = EXIT_WAIT) -> bool:
-        """Wait until every queued line is written, at most C{timeout} seconds; whether they were."""
+        """
+        Wait until every queued line is written, at most C{timeout} seconds;
+        whether they were.
+        """
         deadline = time.monotonic() + timeout
         with self._wake:
             while self._lines or self._busy:
@@ -206,7 +212,10 @@ class _Switch:
 
 
 def _all(fd: int, data: bytes) -> bool:
-    """Write all of C{data}; whether it could (a closed or full output loses lines, never the server)."""
+    """
+    Write all of C{data}; whether it could (a closed or full output loses
+    lines, never the server).
+    """
     view = memoryview(data)
     while view:
         try:
@@ -236,7 +245,10 @@ class LineObserver:
         self.output.write(line)
 
     def record(self, namespace: str, fields: dict[str, Any]) -> None:
-        """Write a connection record: the same line as for its event, made without the generic walk over the event."""
+        """
+        Write a connection record: the same line as for its event, made without
+        the generic walk over the event.
+        """
         if self.format is _json:
             text = fields["record"]
             line = {

@@ -18,12 +18,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.internet.protocol import Protocol
-from twisted.web.http import HTTPChannel
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import logs
+from ._types import IStreamTransport
 from .connection import Connections
 from .udp import OUTCOMES, DatagramServer
 
@@ -143,7 +145,10 @@ class _Health(Resource):
 
 
 def _head(body: bytes, request: Any) -> bytes:
-    """A HEAD answer: GET's headers and length, no body (else Twisted logs a warning per request)."""
+    """
+    A HEAD answer: GET's headers and length, no body (else Twisted logs a
+    warning per request).
+    """
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return b""
 
@@ -182,6 +187,7 @@ class _MetricsChannel(HTTPChannel):
     totalHeadersSize = 16384  # request line and headers together
     maxHeaders = 64
     site: MetricsSite
+    transport: IStreamTransport
     _rejected = False
     _lateAbort = None
 
@@ -193,7 +199,10 @@ class _MetricsChannel(HTTPChannel):
         """Data does not push the deadline back (Twisted's channel resets it on every read)."""
 
     def timeoutConnection(self) -> None:
-        """Close at the deadline, without Twisted's log line for each: an idle scraper's connection between two scrapes is not news."""
+        """
+        Close at the deadline, without Twisted's log line for each: an idle
+        scraper's connection between two scrapes is not news.
+        """
         self.loseConnection()
         self._lateAbort = self.callLater(self.abortTimeout, self.transport.abortConnection)
 
@@ -223,12 +232,14 @@ class _MetricsChannel(HTTPChannel):
         reason = _REASONS[code]
         body = b"" if getattr(self, "_command", None) == b"HEAD" else b"%d %s\n" % (code, reason)
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\n%sContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            b"HTTP/1.1 %d %s\r\n%s"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (code, reason, headers, len(body), body)
         )
         self.loseConnection()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.openConnections -= 1
         if self._lateAbort is not None and self._lateAbort.active():
             self._lateAbort.cancel()
@@ -237,6 +248,8 @@ class _MetricsChannel(HTTPChannel):
 
 class _Refused(Protocol):
     """A connection over the limit: closed as it is accepted."""
+
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -249,7 +262,10 @@ class MetricsSite(Site):
     accepted, and counted in C{refusedConnections}.
     """
 
-    protocol = _MetricsChannel
+    # HTTPFactory types its protocol as Twisted's generic channel wrapper;
+    # setting an HTTPChannel subclass is how Twisted documents a custom one.
+    protocol = _MetricsChannel  # type: ignore[assignment]
+    noisy = False
     openConnections = 0
     refusedConnections = 0
 
@@ -264,11 +280,16 @@ class MetricsSite(Site):
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.maxConnections = maxConnections
 
-    def buildProtocol(self, addr: object) -> Protocol:
+    # HTTPFactory says it builds only its generic channel wrapper; a factory
+    # may build any protocol, and this one builds _Refused too.
+    def buildProtocol(self, addr: object) -> Protocol:  # type: ignore[override]
         if self.openConnections >= self.maxConnections:
             self.refusedConnections += 1
             return _Refused()
         return super().buildProtocol(addr)
+
+    def log(self, request: Request) -> None:
+        """Scrapes are not worth a log line each."""
 
 
 class _SiteCollector:
@@ -280,7 +301,8 @@ class _SiteCollector:
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "twistsock_metrics_connections_refused",
-            "Connections to the metrics endpoint closed at once because as many as allowed were open.",
+            "Connections to the metrics endpoint closed at once because as many as allowed "
+            "were open.",
             value=self.site.refusedConnections,
         )
 
@@ -305,6 +327,4 @@ def metricsSite(
     root.putChild(b"healthz", _Health(healthy))
     site = MetricsSite(root, timeout=timeout, maxConnections=maxConnections, reactor=reactor)
     registry.register(_SiteCollector(site))
-    site.noisy = False
-    site.log = lambda request: None  # scrapes are not worth a log line each
     return site

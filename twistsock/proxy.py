@@ -17,10 +17,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import (
+    IProtocol,
     IProtocolFactory,
     IReactorSocket,
     IReactorSSL,
@@ -28,11 +29,13 @@ from twisted.internet.interfaces import (
     IReactorUNIX,
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
+    ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._direct import canWriteDirectly
@@ -88,7 +91,7 @@ def _parseV1(data: bytes):
     except ValueError:
         raise InvalidHeader("malformed v1 address") from None
     if any(h.version != version for h in hosts) or any(
-        not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6])
+        not f.isdigit() or p > 65535 for p, f in zip(ports, fields[4:6], strict=True)
     ):
         raise InvalidHeader("malformed v1 address")
     return end + 2, _address(hosts[0], ports[0]), _address(hosts[1], ports[1])
@@ -173,7 +176,7 @@ class ProxyHeaderProtocol(Layer):
     _above: Any = None
     _timer: Any = None
 
-    def __init__(self, wrapped: Protocol) -> None:
+    def __init__(self, wrapped: IProtocol) -> None:
         super().__init__(wrapped)
         self._buffer = b""
 
@@ -221,7 +224,7 @@ class ProxyHeaderProtocol(Layer):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.wrapped.makeConnection(self)
+        self.wrapped.makeConnection(cast(ITransport, self))  # as in Layer.makeConnection
         if rest:
             self.wrapped.dataReceived(rest)
 
@@ -251,7 +254,7 @@ class ProxyHeaderProtocol(Layer):
         if self._passing:
             super().writeConnectionLost()
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -275,7 +278,10 @@ class ProxyHeaderProtocol(Layer):
 
 
 def _connectionAbove(protocol: Any) -> Any:
-    """twistsock's connection layer in the stack above a header reader (through TLS), if there is one."""
+    """
+    twistsock's connection layer in the stack above a header reader (through
+    TLS), if there is one.
+    """
     for _ in range(4):
         if protocol is None or callable(getattr(type(protocol), "acceptedBeneath", None)):
             return protocol
@@ -305,7 +311,7 @@ class ProxyHeaderFactory(Factory):
         inner = getattr(self.wrappedFactory, "logPrefix", None)
         return f"{inner() if inner else type(self.wrappedFactory).__name__} (PROXY)"
 
-    def buildProtocol(self, addr: object) -> ProxyHeaderProtocol | None:
+    def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol | None:
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
@@ -351,7 +357,9 @@ class ProxyServerParser:
 
     prefix = "proxy"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> IStreamServerEndpoint:
+    # The pieces are strings; Any, as in Twisted's own tls: parser, because
+    # the interface types them as objects.
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamServerEndpoint:
         if not args:
             raise ValueError("proxy: needs an endpoint to wrap, as in proxy:tcp:5000")
         return serverFromString(_ProxyHeaderReactor(reactor), _unparse(args, kwargs))

@@ -89,7 +89,7 @@ class TwistsockReactor(EPollReactor):
 
     def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
         # posixbase._PollLikeMixin._doReadOrWrite, logging with the selectable's prefix.
-        why = None
+        why: BaseException | None = None
         inRead = False
         if event & self._POLL_DISCONNECTED and not (event & self._POLL_IN):
             # Hung up with nothing left to read: a clean close if we were reading.

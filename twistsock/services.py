@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._format import describe, printable
+from ._types import IStreamTransport
 
 #: The default longest line C{upper} and C{ack} accept, in bytes.
 DEFAULT_MAX_LINE = 64 * 1024
@@ -55,9 +57,14 @@ class StreamService(Protocol):
 
     _finishing = False
 
+    transport: IStreamTransport
+
     @property
     def config(self) -> ServiceConfig:
-        """The settings of this connection's service (the factory's, held once for all its connections)."""
+        """
+        The settings of this connection's service (the factory's, held once for
+        all its connections).
+        """
         return self.factory.config if self.factory is not None else _DEFAULT_CONFIG
 
     def connectionMade(self) -> None:
@@ -116,7 +123,7 @@ class Sink(StreamService):
             self._unlogged += 1
             self._unloggedBytes += len(data)
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._unlogged:
             self.log.info(
                 "{peer} {count} more messages ({size} bytes) not logged: {limit} a connection are",
@@ -148,7 +155,10 @@ class LineService(StreamService):
     lines = 0
 
     def lineWaiting(self) -> bool:
-        """Whether part of a line has arrived and waits for the rest (what a line deadline times)."""
+        """
+        Whether part of a line has arrived and waits for the rest (what a line
+        deadline times).
+        """
         return not self._done and bool(self._buffer)
 
     def keepOpen(self) -> bool:
@@ -325,10 +335,11 @@ DATAGRAM_SERVICES = {
 }
 
 
-class ServiceFactory(Factory):
+class ServiceFactory(Factory[StreamService]):
     """Build the protocols of one named service, all sharing one L{ServiceConfig}."""
 
     noisy = False
+    protocol: type[StreamService]
 
     def __init__(self, name: str, config: ServiceConfig = ServiceConfig()) -> None:
         self.name = name

@@ -25,7 +25,10 @@ DEFAULT_LISTEN = "echo@tcp:5000"
 
 
 def _number(option: str, kind: type) -> Callable[[str], Any]:
-    """A coercer whose error names the option (Twisted's only says "Parameter type enforcement failed")."""
+    """
+    A coercer whose error names the option (Twisted's only says "Parameter type
+    enforcement failed").
+    """
 
     def coerce(text: str) -> Any:
         try:
@@ -106,7 +109,8 @@ class Options(usage.Options):
             "udp-blocked-ports",
             None,
             "reflecting",
-            "UDP: source ports never answered: 'reflecting' (see the README), 'none' (only port 0), or a comma-separated list.",
+            "UDP: source ports never answered: 'reflecting' (see the README), "
+            "'none' (only port 0), or a comma-separated list.",
         ],
         [
             "udp-summary-interval",
@@ -140,7 +144,8 @@ class Options(usage.Options):
             "line-timeout",
             None,
             connection.DEFAULT_LINE_TIMEOUT,
-            "upper, ack: seconds a client has to send a whole line, from its first byte (0: no limit).",
+            "upper, ack: seconds a client has to send a whole line, from its first byte "
+            "(0: no limit).",
             _number("line-timeout", float),
         ],
         [
@@ -154,7 +159,8 @@ class Options(usage.Options):
             "peer-network",
             None,
             "32,64",
-            "What --max-per-peer counts as one client: the IPv4 and IPv6 prefix lengths (32,64: an IPv4 address, an IPv6 /64; 24,48 for networks).",
+            "What --max-per-peer counts as one client: the IPv4 and IPv6 prefix lengths "
+            "(32,64: an IPv4 address, an IPv6 /64; 24,48 for networks).",
         ],
         [
             "drain-timeout",
@@ -167,27 +173,31 @@ class Options(usage.Options):
             "metrics",
             None,
             None,
-            "Serve Prometheus metrics at /metrics and a health check at /healthz on this endpoint (e.g. tcp:9100:interface=127.0.0.1).",
+            "Serve Prometheus metrics at /metrics and a health check at /healthz on this "
+            "endpoint (e.g. tcp:9100:interface=127.0.0.1).",
         ],
         [
             "log-buffer",
             None,
             logs.BUFFER_LIMIT,
-            "Bytes of log lines held while the log output is slow; past that, lines are dropped and counted.",
+            "Bytes of log lines held while the log output is slow; past that, lines are "
+            "dropped and counted.",
             _number("log-buffer", int),
         ],
         [
             "workers",
             None,
             0,
-            "Serve stream connections in this many worker processes that share the listening sockets (0: in this process).",
+            "Serve stream connections in this many worker processes that share the listening "
+            "sockets (0: in this process).",
             _number("workers", int),
         ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"]: list[ListenSpec] = []
+        listen: list[ListenSpec] = []  # one for every --listen
+        self["listen"] = listen
         self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -228,7 +238,8 @@ class Options(usage.Options):
             or self["udp-summary-interval"] < 0
         ):
             raise usage.UsageError(
-                "--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at least 1, --udp-amplification more than 0"
+                "--udp-rate and --udp-summary-interval must be 0 or more, --udp-burst at "
+                "least 1, --udp-amplification more than 0"
             )
         self["udp-blocked-ports"] = _ports(self["udp-blocked-ports"])
         if not 0 <= self["workers"] <= MAX_WORKERS:
@@ -252,7 +263,8 @@ class Options(usage.Options):
             or self["drain-timeout"] < 0
         ):
             raise usage.UsageError(
-                "--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must be 0 or more"
+                "--max-connections, --max-per-peer, --idle-timeout and --drain-timeout must "
+                "be 0 or more"
             )
         if self["line-timeout"] < 0 or self["proxy-header-timeout"] < 0:
             raise usage.UsageError("--line-timeout and --proxy-header-timeout must be 0 or more")
@@ -318,6 +330,7 @@ def makeService(options: Options) -> IService:
     )
     shared = dict(connections=connections, drainTimeout=options["drain-timeout"])
     worker = options["worker"]
+    root: SocketsService
     if worker is not None:
         index, held, report = worker
         root = workers.WorkerService(index, report, **shared)

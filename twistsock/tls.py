@@ -154,7 +154,10 @@ def privateCertificate(privateKey: str, certKey: str | None = None) -> ssl.Priva
 
 @dataclass(frozen=True)
 class Identity:
-    """A private key, its certificate, and the certificates that chain it to a root (never the root)."""
+    """
+    A private key, its certificate, and the certificates that chain it to a
+    root (never the root).
+    """
 
     key: Any  # a cryptography private key
     certificate: x509.Certificate
@@ -205,7 +208,8 @@ def loadIdentity(
         context.check_privatekey()
     except SSL.Error:
         raise ValueError(
-            f"the private key in {privateKey} is not the key of the certificate in {certKey or privateKey}"
+            f"the private key in {privateKey} is not the key of the certificate in "
+            f"{certKey or privateKey}"
         ) from None
     return identity
 
@@ -273,6 +277,7 @@ def serverContext(
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if clientCAs:
         store = context.get_cert_store()
+        assert store is not None  # a new context has its store
         for ca in clientCAs:
             store.add_cert(crypto.X509.from_cryptography(ca))
             context.add_client_ca(ca)
@@ -478,7 +483,8 @@ def mtlsServer(
     for ca in cas:
         if not _selfSigned(ca) and not _isCA(ca):
             raise ValueError(
-                f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA certificate: clientCA names the CA that signed the clients' certificates"
+                f"clientCA file {clientCA} holds {_subject(ca)}, which is not a CA "
+                "certificate: clientCA names the CA that signed the clients' certificates"
             )
     context = serverContext(loadIdentity(privateKey, certKey, extraCertChain), profile, cas)
     return wrapServerTLS(ServerTLS(context), _tcpServer(reactor, port, interface, backlog))
@@ -498,7 +504,9 @@ class MutualTLSServerParser:
 
     prefix = "mtls"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> IStreamServerEndpoint:
+    # The pieces are strings; Any, as in Twisted's own tls: parser, because
+    # the interface types them as objects.
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamServerEndpoint:
         return mtlsServer(reactor, *args, **kwargs)
 
 
@@ -541,6 +549,7 @@ class ClientTLS:
             context.set_default_verify_paths()
         else:
             store = context.get_cert_store()
+            assert store is not None  # a new context has its store
             for certificate in trust:
                 store.add_cert(crypto.X509.from_cryptography(certificate))
         if identity is not None:
@@ -563,6 +572,7 @@ class ClientTLS:
     ) -> bool:
         # Raising makes OpenSSL refuse the certificate (and send its alert);
         # pyOpenSSL raises the exception again from the handshake.
+        why: str | None
         try:
             if not ok and error in _NAME_MISMATCH:
                 why = self._nameMismatch(certificate) or verifyErrorText(error)
@@ -588,10 +598,16 @@ class ClientTLS:
         try:
             verify_service_identity(extract_patterns(certificate.to_cryptography()), [self._id], [])
         except NoNames:
-            return f"the certificate has no subjectAltName, so it is for no host name (its subject, {_subject(certificate)}, does not count); not for {host}"
+            return (
+                "the certificate has no subjectAltName, so it is for no host name (its subject, "
+                f"{_subject(certificate)}, does not count); not for {host}"
+            )
         except VerificationError:
             names = _sanNames(certificate)
-            return f"the certificate is for {', '.join(names[:8]) + (', ...' if len(names) > 8 else '')}, not {host}"
+            return (
+                "the certificate is for "
+                f"{', '.join(names[:8]) + (', ...' if len(names) > 8 else '')}, not {host}"
+            )
         return None
 
 

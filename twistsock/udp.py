@@ -194,17 +194,22 @@ class DatagramServer:
         outcome, except a reply: the sender counts it with L{sent}.
         """
         if truncated:
-            return self._count(TRUNCATED, sourceHost)
+            self._count(TRUNCATED, sourceHost)
+            return None
         if sourcePort in self.policy.blockedPorts:
-            return self._count(BLOCKED_PORT, sourceHost)
+            self._count(BLOCKED_PORT, sourceHost)
+            return None
         if not self.buckets.allow(sourceHost):
-            return self._count(RATE_LIMITED, sourceHost)
+            self._count(RATE_LIMITED, sourceHost)
+            return None
         peer = f"[{sourceHost}]:{sourcePort}" if ":" in sourceHost else f"{sourceHost}:{sourcePort}"
         reply = self.service(data, peer)
         if reply is None:
-            return self._count(NO_REPLY, sourceHost)
+            self._count(NO_REPLY, sourceHost)
+            return None
         if len(reply) > len(data) * self.policy.amplification:
-            return self._count(AMPLIFICATION, sourceHost)
+            self._count(AMPLIFICATION, sourceHost)
+            return None
         return reply
 
     def sent(self, ok: bool, sourceHost: str) -> None:
@@ -219,7 +224,6 @@ class DatagramServer:
                 source = OTHER_SOURCES
             counts = self.bySource.setdefault(source, Counter())
         counts[outcome] += 1
-        return None
 
     def takeSummary(self) -> list[tuple[str, Counter]]:
         """
@@ -232,7 +236,7 @@ class DatagramServer:
             key=lambda item: (item[0] == OTHER_SOURCES, -sum(item[1].values()), item[0]),
         )
         named = [item for item in ranked if item[0] != OTHER_SOURCES][:SUMMARY_SOURCES]
-        rest = Counter()
+        rest: Counter[str] = Counter()
         for source, counts in ranked:
             if (source, counts) not in named:
                 rest += counts
@@ -318,6 +322,7 @@ class DatagramPort:
             )
 
     def getHost(self) -> IPv4Address | IPv6Address:
+        assert self.socket is not None, "not listening"
         hostname, port = self.socket.getsockname()[:2]
         kind = IPv6Address if self.family == socket.AF_INET6 else IPv4Address
         return kind("UDP", hostname, port)
@@ -355,6 +360,7 @@ class DatagramPort:
 
     def _send(self, reply: bytes, ancdata: list, destination: tuple, sourceHost: str) -> None:
         """Send from the address the request arrived on."""
+        assert self.socket is not None  # doRead reads only while listening
         try:
             self.socket.sendmsg([reply], _replyFrom(ancdata), 0, destination)
         except OSError as e:
@@ -391,7 +397,10 @@ def _pktinfo(family: int, destination: bytes) -> list:
 
 
 class DatagramEndpoint:
-    """C{udp:PORT[:interface=ADDR]}: listen() takes a L{DatagramServer}, like a stream endpoint takes a factory."""
+    """
+    C{udp:PORT[:interface=ADDR]}: listen() takes a L{DatagramServer}, like a
+    stream endpoint takes a factory.
+    """
 
     def __init__(
         self, reactor: Any, port: int, interface: str, summaryInterval: float = 60.0
@@ -401,9 +410,14 @@ class DatagramEndpoint:
         self.interface = interface
         self.summaryInterval = summaryInterval
 
-    def listen(self, server: DatagramServer) -> defer.Deferred[DatagramPort]:
+    def listen(self, server: DatagramServer) -> defer.Deferred[IListeningPort]:
         port = DatagramPort(self.reactor, self.port, self.interface, server, self.summaryInterval)
-        return defer.execute(lambda: (port.startListening(), port)[1])
+
+        def start() -> IListeningPort:
+            port.startListening()
+            return port
+
+        return defer.execute(start)
 
 
 def defaultInterface() -> str:

@@ -31,7 +31,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -94,7 +94,8 @@ class AdoptingReactor:
         return self._adopt(factory)
 
     def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
-        # The caller closes its fileDescriptor (IReactorSocket's contract): if it is ours, once is enough.
+        # The caller closes its fileDescriptor (IReactorSocket's contract): if
+        # it is ours, once is enough.
         return self._adopt(factory, closeInherited=fileDescriptor != self.fd)
 
 
@@ -112,6 +113,10 @@ def familyOf(address: object) -> int:
 class HeldPort(ListeningService):
     """Listen, then stop reading at once: the socket is only held for the workers."""
 
+    #: A stream socket's port, which the workers get by its descriptor:
+    #: Twisted's tcp.Port (UNIX, TLS and adopted ports are ones too).
+    port: tcp.Port | None
+
     def privilegedStartService(self) -> None:
         starting = self._listening is None
         super().privilegedStartService()
@@ -126,6 +131,10 @@ class HeldPort(ListeningService):
 
 class _Worker(protocol.ProcessProtocol):
     """One worker process, as the master sees it: exits, and tally reports."""
+
+    #: Set by the master as it spawns the process.
+    started: float
+    pid: int
 
     def __init__(self, master: MasterService, index: int) -> None:
         self.master = master
@@ -328,8 +337,13 @@ def workerArgv(pluginArgv: list[str]) -> list[str]:
 def parseWorker(text: str) -> tuple[int, list[tuple[int, int]], int]:
     """C{INDEX:FD/FAMILY,...:REPORTFD} (what the master passes in L{WORKER})."""
     index, sockets, report = text.split(":")
-    held = [tuple(int(x) for x in item.split("/")) for item in sockets.split(",") if item]
+    held = [_fdAndFamily(item) for item in sockets.split(",") if item]
     return int(index), held, int(report)
+
+
+def _fdAndFamily(item: str) -> tuple[int, int]:
+    fd, family = item.split("/")
+    return int(fd), int(family)
 
 
 class WorkerService(SocketsService):
