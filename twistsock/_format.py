@@ -98,7 +98,7 @@ def errorText(e: BaseException | None) -> str:
     The part of a connection error a user needs, as one line: OpenSSL's
     reason strings (C{unsupported protocol}), the OS error text of Twisted's
     connection errors (C{Connection refused}), else the message.  C{e} is
-    usually a L{Failure}'s C{value}, which Twisted types as optional.
+    usually a L{twisted.python.failure.Failure}'s C{value}, which Twisted types as optional.
     """
     return oneLine(_errorText(e))
 

@@ -19,7 +19,7 @@ from . import __version__, client
 from . import certs as certsModule
 from ._format import isIPv6Literal
 
-#: Exit statuses, as documented in the README and in --help.
+#: Exit statuses, as documented in docs/clients.md and in --help.
 EXIT_STATUSES = {
     0: "success",
     1: "connection failed or lost",
@@ -153,22 +153,24 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
 
     command(
         "send",
-        "Send a message, then close (seed 000's streamwrite). Without MESSAGE, stream "
+        "Send a message, then close (like streamwrite). Without MESSAGE, stream "
         "standard input and wait until the server has read it all and closed.",
         "MESSAGE",
     )
     echo = command(
         "echo",
-        "Send data, read it all back and compare (seeds 001, 004). Without MESSAGE, stream "
-        "standard input and write the echo to standard output as it comes.",
+        "Send data, read it all back and compare (the classic TCP echo client). "
+        "Without MESSAGE, stream standard input and write the echo to standard output as it comes.",
         "MESSAGE",
     )
     echo.add_argument(
-        "--size", type=_size, help="send N random bytes instead of a message (seed 001 sends 250)"
+        "--size",
+        type=_size,
+        help="send N random bytes instead of a message (the classic echo client sends 250)",
     )
     command(
         "upper",
-        "Send a line, print the upper-cased reply (seed 002's TCPClient). Without LINE, send "
+        "Send a line, print the upper-cased reply (the Java TCPClient). Without LINE, send "
         "every line of standard input and print every reply (a server started with "
         "--keep-open answers them all).",
         "LINE",
@@ -180,10 +182,14 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
         "when the server closes.",
         "",
     )
-    command("ack", "Send a message, print the acknowledgement (seed 003's client).", "MESSAGE")
+    command(
+        "ack",
+        "Send a message, print the acknowledgement (the sockets tutorial's client.c).",
+        "MESSAGE",
+    )
     datagram = command(
         "udp",
-        "Send a datagram, print the reply (seed 002's UDP client). TARGET is udp:HOST:PORT or "
+        "Send a datagram, print the reply (the classic UDP client). TARGET is udp:HOST:PORT or "
         "HOST PORT.",
         "MESSAGE",
         tls=False,

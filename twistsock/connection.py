@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
-#: Seconds without a byte from the peer before a connection is closed (seed 001's select()).
+#: Seconds without a byte from the peer before a connection is closed (the classic echo
+#: server's 30 s select()).
 DEFAULT_IDLE_TIMEOUT = 30.0
 #: Seconds open connections have to finish after SIGTERM.
 DEFAULT_DRAIN_TIMEOUT = 10.0

@@ -57,8 +57,8 @@ def parseHeader(data: bytes) -> tuple[int, object | None, object | None] | None:
     """
     Parse a PROXY header at the start of C{data}.
 
-    @return: L{None} if more bytes are needed; else the header's length and
-        the source and destination addresses it gives (both L{None} for a
+    @return: C{None} if more bytes are needed; else the header's length and
+        the source and destination addresses it gives (both C{None} for a
         C{LOCAL} or C{UNKNOWN} connection: use the connection's own).
     @raise InvalidHeader: not a header.
     """

@@ -36,7 +36,7 @@ class ServiceConfig:
     #: Longest line (without its C{\\n} or C{\\r\\n}) that line services accept.
     maxLine: int = DEFAULT_MAX_LINE
     #: Whether C{upper} answers every line until the client closes, instead
-    #: of one line per connection as seed 002's TCPServer does.
+    #: of one line per connection as the Java TCPServer does.
     keepOpen: bool = False
 
 
@@ -96,7 +96,7 @@ class StreamService(Protocol):
 
 
 class Echo(StreamService):
-    """Send back every byte received (RFC 862; seeds 001 and 004)."""
+    """Send back every byte received (RFC 862; the classic TCP echo servers)."""
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
@@ -108,7 +108,7 @@ MESSAGE_LINES = 100
 
 
 class Sink(StreamService):
-    """Log every message received and send nothing (seed 000's streamread)."""
+    """Log every message received and send nothing (streamread)."""
 
     log = Logger()
     _logged = 0
@@ -215,7 +215,7 @@ class LineService(StreamService):
 
 class Upper(LineService):
     """
-    Reply to each line with it upper-cased, plus C{\\n} (seed 002's Java
+    Reply to each line with it upper-cased, plus C{\\n} (the Java
     TCPServer).  Only ASCII letters change: every other byte, UTF-8 or
     binary, comes back as it was, so the reply is never longer than the line.
     """
@@ -226,7 +226,7 @@ class Upper(LineService):
 
 class Ack(LineService):
     """
-    Log the message and reply C{I got your message} (seed 003's server):
+    Log the message and reply C{I got your message} (the sockets tutorial's server.c):
     one message, a line, per connection.
     """
 

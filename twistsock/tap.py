@@ -109,7 +109,7 @@ class Options(usage.Options):
             "udp-blocked-ports",
             None,
             "reflecting",
-            "UDP: source ports never answered: 'reflecting' (see the README), "
+            "UDP: source ports never answered: 'reflecting' (see docs/udp.md), "
             "'none' (only port 0), or a comma-separated list.",
         ],
         [

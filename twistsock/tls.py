@@ -15,16 +15,17 @@ client that offers ALPN is served without one (RFC 7301, section 3.2).
 
 Server endpoint strings (L{twistsock.endpoints.serverFromString}):
 
-C{ssl:PORT[:privateKey=FILE][:certKey=FILE][:extraCertChain=FILE][:interface=ADDR][:backlog=N][:profile=NAME]}
-    TLS with one certificate: the first in C{certKey} (default: the
-    C{privateKey} file); any further certificates there and in
-    C{extraCertChain} are its chain.
-C{tls:DIR[:port=443][:interface=ADDR][:backlog=N][:profile=NAME]}
-    TLS with SNI: every key and certificate in the C{*.pem} files under DIR,
+  - C{ssl:PORT[:privateKey=FILE][:certKey=FILE][:extraCertChain=FILE]}
+    C{[:interface=ADDR][:backlog=N][:profile=NAME]}: TLS with one
+    certificate: the first in C{certKey} (default: the C{privateKey} file);
+    any further certificates there and in C{extraCertChain} are its chain.
+  - C{tls:DIR[:port=443][:interface=ADDR][:backlog=N][:profile=NAME]}: TLS
+    with SNI: every key and certificate in the C{*.pem} files under DIR,
     chosen by the name the client asks for.
-C{mtls:PORT:privateKey=FILE[:certKey=FILE]:clientCA=FILE[:interface=ADDR][:backlog=N][:profile=NAME]}
-    TLS that refuses every client without a certificate signed by C{clientCA}
-    (also a Twisted endpoint plugin, usable by any Twisted program).
+  - C{mtls:PORT:privateKey=FILE[:certKey=FILE]:clientCA=FILE}
+    C{[:interface=ADDR][:backlog=N][:profile=NAME]}: TLS that refuses every
+    client without a certificate signed by C{clientCA} (also a Twisted
+    endpoint plugin, usable by any Twisted program).
 """
 
 from __future__ import annotations

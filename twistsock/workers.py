@@ -1,5 +1,5 @@
 """
-C{--workers N}: seed 002's concurrent server, the Twisted way.
+C{--workers N}: the classic concurrent (master/slave) server, the Twisted way.
 
 The master listens on every stream endpoint as usual, but never accepts on
 those sockets: it hands them to N worker processes, each a C{twist sockets}
@@ -396,7 +396,7 @@ class WorkerService(SocketsService):
 def dieWithMaster() -> None:
     """
     In a worker (its environment names the master's PID): have the kernel
-    send L{MASTER_DEATH_SIGNAL} to this process when the master ends, by
+    send C{MASTER_DEATH_SIGNAL} (SIGKILL) to this process when the master ends, by
     SIGKILL too, so that no orphan keeps the sockets (Linux: PR_SET_PDEATHSIG);
     if the master has already ended, end now.  Elsewhere, nothing.
 
