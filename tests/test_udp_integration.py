@@ -180,6 +180,15 @@ def test_udp_client_command(server):
         assert (result.returncode, result.stdout) == (0, b"FROM SERVER: HELLO\n"), result.stderr
 
 
+def test_udp_client_says_where_it_sends_with_verbose(server):
+    p = port(server, "echo")
+    result = twistsock("udp", "-v", f"udp:[::1]:{p}", "hi")
+    assert (result.returncode, result.stdout) == (0, b"FROM SERVER: hi\n"), result.stderr
+    first, last = result.stderr.decode().splitlines()
+    assert first.startswith(f"twistsock: sending to [::1]:{p} from [::1]:"), first
+    assert last.endswith(" s in all")
+
+
 def test_udp_client_errors(server):
     timeout = twistsock(
         "udp",

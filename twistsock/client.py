@@ -1,6 +1,6 @@
 """
 The twistsock clients, for scripts: one function per service, each returning a
-L{Deferred}.
+L{Deferred<twisted.internet.defer.Deferred>}::
 
     from twisted.internet import task
     from twistsock import client
@@ -19,7 +19,7 @@ and name: C{ca} names a file of trusted CA certificates (default: the
 platform's), C{cert} a file with a client key and certificate.  Every
 operation is bounded by C{timeout} seconds, connecting included.  Failures
 are L{ClientError} subclasses whose C{exitStatus} the C{twistsock} command
-exits with; a malformed target raises L{ValueError} at once.
+exits with; a malformed target raises C{ValueError} at once.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet import udp as _udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -93,7 +94,7 @@ Target = Union[str, "tuple[str, int]", IStreamClientEndpoint]
 #: Seconds an operation may take, connecting included, unless told otherwise.
 DEFAULT_TIMEOUT = 10.0
 
-#: The longest reply C{ack} reads; seed 003's server sends 18 bytes.
+#: The longest reply C{ack} reads; the tutorial's server.c sends 18 bytes.
 MAX_ACK_REPLY = 64 * 1024
 
 
@@ -111,7 +112,7 @@ class ConnectionFailed(ClientError):
 
 
 class UnknownHost(ClientError):
-    """The host name does not resolve (seed 000 exits 2 here too)."""
+    """The host name does not resolve (streamwrite exits 2 here too)."""
 
     exitStatus = 2
 
@@ -186,7 +187,7 @@ def send(
     reactor: IReactorTime | None = None,
 ) -> defer.Deferred[None]:
     """
-    Send C{data}, then close (seed 000's streamwrite).  Fires with L{None}
+    Send C{data}, then close (streamwrite).  Fires with C{None}
     once every byte is handed to the peer's kernel and the connection closed.
     """
     data = _check(data, "data", timeout)
@@ -204,7 +205,7 @@ def echo(
     reactor: IReactorTime | None = None,
 ) -> defer.Deferred[bytes]:
     """
-    Send C{data} and read until all of it is back (seeds 001 and 004).  Fires
+    Send C{data} and read until all of it is back (the classic TCP echo client).  Fires
     with the echoed bytes; fails with L{EchoMismatch} at the first byte that
     differs, on extra bytes, or if the server closes before all came back.
     """
@@ -224,7 +225,7 @@ def upper(
 ) -> defer.Deferred[bytes]:
     """
     Send one line and fire with the server's reply line, without its ending
-    (seed 002's TCPClient).  A reply that is the server's error (C{error: ...})
+    (the Java TCPClient).  A reply that is the server's error (C{error: ...})
     fails with L{ServerError}.
     """
     line = _check(line, "line", timeout)
@@ -245,7 +246,7 @@ def ack(
 ) -> defer.Deferred[bytes]:
     """
     Send one message (a line) and fire with the server's reply, read until it
-    closes (seed 003's client).  A reply that is the server's error
+    closes (the sockets tutorial's client.c).  A reply that is the server's error
     (C{error: ...}) fails with L{ServerError}.
     """
     message = _check(message, "message", timeout)
@@ -323,12 +324,12 @@ def udp(
     reactor: Any = None,
 ) -> defer.Deferred[Any]:  # the overloads above say which
     """
-    Send one datagram and fire with the first reply (seed 002's UDP client).
+    Send one datagram and fire with the first reply (the classic UDP client).
     The datagram is sent again C{retries} times, evenly within C{timeout}, if
     no reply has come.  The socket is connected, so only the target can answer.
     C{target} is C{udp:HOST:PORT} (C{udp:[::1]:5000}) or C{(host, port)}.
     With C{reply=False} (for C{sink}, which never answers) the datagram is sent
-    once and the result is L{None} as soon as it is sent.  A timeout says why
+    once and the result is C{None} as soon as it is sent.  A timeout says why
     a server may stay silent.  UDP has no TLS: C{udp} takes no C{ca} or C{cert}.
     """
     data = _check(data, "data", timeout)
@@ -467,6 +468,13 @@ class _DatagramExchange(DatagramProtocol):
         )
         assert self.transport is not None  # listenUDP made the connection
         self.transport.connect(address, self.peerPort)
+        log.debug(
+            "sending to {peer} from {host}",
+            peer=describe(
+                (IPv6Address if ":" in address else IPv4Address)("UDP", address, self.peerPort)
+            ),
+            host=describe(self.transport.getHost()),
+        )
         self._send()
         return self.done
 
