@@ -239,10 +239,12 @@ def checkProfile(profile: str) -> str:
 def _setGroups(context: SSL.Context) -> None:
     """Offer L{GROUPS}, less those this OpenSSL does not have."""
     setter = getattr(SSL._lib, "SSL_CTX_set1_curves_list", None)  # = SSL_CTX_set1_groups_list
-    if (
-        setter is None
-    ):  # pragma: no cover - a pyOpenSSL without the binding keeps OpenSSL's defaults
-        return
+    if setter is None:  # pragma: no cover - pyproject.toml requires a cryptography with it
+        # Serving OpenSSL's default groups would silently break the profile's promise.
+        raise ValueError(
+            "this cryptography cannot set TLS key-exchange groups: twistsock needs "
+            "cryptography 47 or later"
+        )
     for start in range(len(GROUPS)):
         if setter(context._context, ":".join(GROUPS[start:]).encode()) == 1:
             return
