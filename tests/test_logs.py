@@ -95,9 +95,14 @@ def test_reopen_follows_a_rotated_file(tmp_path):
     path.rename(tmp_path / "twist.log.1")
     assert output.reopen()
     output.write(b"after\n")
+    assert output.flush(WAIT)
+    path.rename(tmp_path / "twist.log.2")  # logrotate, the next day
+    assert output.reopen()
+    output.write(b"again\n")
     assert output.close(WAIT)
     assert (tmp_path / "twist.log.1").read_bytes() == b"before\n"
-    assert path.read_bytes() == b"after\n"
+    assert (tmp_path / "twist.log.2").read_bytes() == b"after\n"
+    assert path.read_bytes() == b"again\n"
 
 
 def test_json_lines_are_flat_and_carry_the_fields():

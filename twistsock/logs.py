@@ -194,7 +194,9 @@ class LogOutput:
         # Never blocks: a FIFO without a reader is an error (ENXIO), not a wait.
         fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
         os.set_blocking(fd, True)  # the thread's writes may wait; the reactor never does
-        fresh = os.fdopen(fd, "a", encoding="utf-8")
+        # Opened through its name, so that the new stream has it for the next rotation
+        # (os.fdopen would name it by its descriptor, and a second SIGHUP found no file).
+        fresh = open(name, "a", encoding="utf-8", opener=lambda _path, _flags: fd)
         with self._wake:
             # The thread switches after the lines logged before the signal.
             self._lines.append(_Switch(fresh))
