@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
+import urllib.request
 
 from conftest import WAIT, freePort, requireTool, startServer, twistsock
 from test_haproxy import waitForPort
@@ -58,3 +60,56 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
     assert 5 <= len(servedByA) <= 20, "roundrobin sent A about half of the first 20"
     assert len(servedByA) + len(servedByB) == 60
     assert len(servedByB) >= 40, "after the kill, B served everyone"
+
+
+def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
+    """HAProxy checks a send-proxy-v2 server with a LOCAL header, then resets: not a client."""
+    haproxy = requireTool("haproxy")
+    server = startServer(
+        "--listen",
+        "echo@proxy:tcp:0:interface=127.0.0.1",
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+    )
+    front = freePort()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "defaults\n    mode tcp\n    timeout connect 2s\n"
+        "    timeout client 30s\n    timeout server 30s\n"
+        f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend be\n"
+        f"backend be\n    server a 127.0.0.1:{server.service('echo').port} send-proxy-v2"
+        " check inter 100ms\n"
+    )
+    proxy = subprocess.Popen(
+        [haproxy, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    metrics = server.service("metrics").port
+    try:
+        # No waitForPort(front): its connection would be a (silent) client of its own. HAProxy
+        # binds its frontend before it starts checking, so five checks mean it is ready.
+        checks = 0
+        for _ in range(int(WAIT / 0.1)):  # until HAProxy has checked five times (bounded)
+            checks = connectionsCounted(metrics)
+            if checks >= 5:
+                break
+            time.sleep(0.1)
+        result = twistsock("echo", f"tcp:127.0.0.1:{front}:bindAddress={CLIENT}", "hi")
+        server.waitFor(rf"echo proxy {re.escape(CLIENT)}:\d+ -> ")
+    finally:
+        proxy.terminate()
+        proxy.wait(WAIT)
+        proxy.stdout.close()
+        server.stop()
+    assert checks >= 5, "HAProxy's checks reached the server and were counted"
+    assert result.returncode == 0, result.stderr
+    records = [line for line in server.lines if "echo proxy " in line]
+    assert len(records) == 1 and CLIENT in records[0], records
+
+
+def connectionsCounted(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        text = response.read().decode()
+    found = re.search(
+        r'^twistsock_connections_total\{[^}]*service="echo"[^}]*\} (\S+)$', text, re.M
+    )
+    return int(float(found[1])) if found else 0

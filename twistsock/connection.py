@@ -571,6 +571,9 @@ class Connection(Layer):
 
     #: No record: a load balancer's health check (connected, closed, sent nothing).
     _quiet = False
+    #: The PROXY header said the proxy made this connection itself (LOCAL, UNKNOWN): a health
+    #: check when nothing is exchanged after it.
+    proxyLocal = False
 
     def lostBeforeHeader(self, reason: Failure, received: int) -> None:
         """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
@@ -727,7 +730,12 @@ class Connection(Layer):
         # (string.Formatter, field by field) cost more than the connection
         # itself.  Every part is still a field of its own for JSON logs.
         factory = self.factory
-        if self._quiet:
+        if self._quiet or (
+            self.proxyLocal
+            and self.why in (PEER_CLOSED, ERROR)
+            and not self.bytesIn
+            and not self.bytesOut
+        ):
             return
         if self.why in _SUMMARIZED and not factory.connections.recordRefusal(
             (self.detail or LIMIT) if self.why == LIMIT else self.why

@@ -219,6 +219,9 @@ class ProxyHeaderProtocol(Layer):
         if parsed is None:
             return
         length, self._peer, self._host = parsed
+        if self._peer is None and self._above is not None:
+            # LOCAL (v2) or UNKNOWN (v1): the proxy's own connection, e.g. HAProxy's health check.
+            self._above.proxyLocal = True
         rest, self._buffer = self._buffer[length:], b""
         self._passing = True
         if self._timer is not None:
