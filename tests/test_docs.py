@@ -55,8 +55,8 @@ def commands(block: str) -> list[tuple[str, list[str]]]:
     for line in lines:
         if line.startswith("$ "):
             command = line[2:]
-            while command.endswith("\\"):
-                command = command[:-1] + "\n" + next(lines).removeprefix("> ")
+            while command.endswith("\\"):  # the shell joins the lines, as in a terminal
+                command += "\n" + next(lines).removeprefix("> ")
             result.append((command, []))
         else:
             assert result, f"output before any command: {line!r}"
@@ -75,8 +75,12 @@ def matches(shown: list[str], printed: list[str]) -> bool:
     return re.fullmatch("".join(parts), "".join(p + "\n" for p in printed)) is not None
 
 
-def listeners(command: str) -> list[tuple[str, object]]:
-    """What a background command listens on: TCP and UDP ports, UNIX socket paths."""
+def listeners(command: str, cwd: Path = Path()) -> list[tuple[str, object]]:
+    """
+    What a background command listens on: TCP and UDP ports, UNIX socket paths (in twistsock's
+    endpoint strings, and the options of openssl, socat, ncat, systemd-socket-activate, and the
+    bind lines of an HAProxy configuration file).
+    """
     found: list[tuple[str, object]] = []
     for word in command.split():
         for kind, port in re.findall(r"(?:^|[@:])(tcp6?|ssl|mtls|udp):(\d+)", word):
@@ -85,8 +89,11 @@ def listeners(command: str) -> list[tuple[str, object]]:
             found.append(("tcp", int(port)))
         for path in re.findall(r"(?:^|@)unix:([^:\s]+)", word):
             found.append(("unix", path))
-    for port in re.findall(r"(?:-accept|LISTEN:|-l -p|--listen-port)\s*(\d+)", command):
+    for port in re.findall(r"(?:-accept|LISTEN:|-l -p|--listen-port|-l)\s*(\d+)", command):
         found.append(("tcp", int(port)))
+    for config in re.findall(r"haproxy .*-f\s+(\S+)", command):
+        for port in re.findall(r"^\s*bind\s+\S*:(\d+)", (cwd / config).read_text(), re.M):
+            found.append(("tcp", int(port)))
     return found
 
 
@@ -115,7 +122,7 @@ def test_every_page_is_in_the_table_of_contents():
 
 def test_conventions():
     """The parts the driver reads (so that the runs below cannot pass on nothing)."""
-    assert commands("$ a \\\n> b\nout\n...\n$ c") == [("a \nb", ["out", "..."]), ("c", [])]
+    assert commands("$ a \\\n> b\nout\n...\n$ c") == [("a \\\nb", ["out", "..."]), ("c", [])]
     assert matches(["x ... y", "...", "z"], ["x 1 y", "q", "r", "z"])
     assert matches(["...", "z"], ["z"])
     assert not matches(["x ... y"], ["x 1 z"])
@@ -124,6 +131,9 @@ def test_conventions():
         "twist sockets --listen upper@tcp:6789 --listen sink@unix:s.sock --metrics "
         "tcp:9100:interface=127.0.0.1 --listen udp:5000 > log &"
     ) == [("tcp", 6789), ("unix", "s.sock"), ("tcp", 9100), ("udp", 5000)]
+    assert listeners("systemd-socket-activate -l 5005 --fdname=echo twist sockets &") == [
+        ("tcp", 5005)
+    ]
     ran = sum(reason is None for page in PAGES for reason, _ in blocks((DOCS / page).read_text()))
     assert ran >= 10
     for page in PAGES:
@@ -191,7 +201,7 @@ def _drive(page: str, workdir: Path) -> dict:
                     report["error"] = f"the shell ended at: $ {command}"
                     return report
                 if command.rstrip().endswith("&"):
-                    wanted = listeners(command)
+                    wanted = listeners(command, workdir)
                     if not wanted:
                         report["error"] = f"cannot tell when this is ready: $ {command}"
                         return report
