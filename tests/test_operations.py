@@ -6,6 +6,7 @@ JSON, limits, the idle timeout, draining on SIGTERM, metrics.
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import threading
@@ -105,17 +106,38 @@ def test_max_per_peer_counts_each_client_address():
         server.stop()
 
 
+def closedWhileOtherTalks(silent: socket.socket, talker: socket.socket) -> int:
+    """
+    Echo a byte on `talker` every tenth of a second until the server closes
+    `silent` (bounded); return how many echoes came back meanwhile.
+    """
+    exchanges = 0
+    for _ in range(int(WAIT * 10)):
+        if select.select([silent], [], [], 0.1)[0]:
+            try:
+                assert silent.recv(1) == b"", "the silent connection got data"
+            except ConnectionResetError:
+                pass  # an abort
+            return exchanges
+        assert isOpen(talker), f"the talking connection was closed after {exchanges} echoes"
+        exchanges += 1
+    raise AssertionError(f"the silent connection is still open after {WAIT} s")
+
+
 def test_idle_timeout_closes_a_silent_connection_and_spares_others():
-    server = startServer("--idle-timeout", "1", "--listen", "echo@tcp:0:interface=127.0.0.1")
+    server = startServer("--idle-timeout", "2", "--listen", "echo@tcp:0:interface=127.0.0.1")
     try:
-        silent = connect(server)
-        me = silent.getsockname()[1]
-        try:
-            assert silent.recv(1) == b""
-        except ConnectionResetError:
-            pass
+        silent, talker = connect(server), connect(server)
+        me, other = silent.getsockname()[1], talker.getsockname()[1]
+        # The talker, opened with it, is served all along and outlives the silent one.
+        assert closedWhileOtherTalks(silent, talker) > 0
         (line,) = server.waitFor(rf"127\.0\.0\.1:{me} -> ")
-        assert line.endswith("(nothing received for 1 s)") and ": idle timeout after " in line
+        assert line.endswith("(nothing received for 2 s)") and ": idle timeout after " in line
+        assert isOpen(talker)
+        assert not any(f"127.0.0.1:{other} -> " in line for line in server.lines)
+        talker.close()
+        (line,) = server.waitFor(rf"127\.0\.0\.1:{other} -> ")
+        assert ": peer closed after " in line, line
         assert twistsock("echo", server.service("echo").target, "still served").returncode == 0
     finally:
         server.stop()
