@@ -6,6 +6,7 @@ pytest --reactor=...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -298,6 +299,23 @@ def freePort() -> int:
             continue
         return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+@contextlib.contextmanager
+def refusingPort(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1"):
+    """
+    A port on C{host} that refuses every connection (TCP) or datagram (UDP,
+    by ICMP) for as long as the block runs, and that no other process can
+    take meanwhile: it is bound by a socket that never listens (TCP), or that
+    is connected elsewhere so that no datagram from a client matches it (UDP).
+    Unlike a port found free and let go, it cannot start answering.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as held:
+        held.bind((host, 0))
+        if kind == socket.SOCK_DGRAM:
+            held.connect((host, 9))
+        yield held.getsockname()[1]
 
 
 def pytest_configure(config) -> None:
