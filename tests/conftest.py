@@ -318,6 +318,13 @@ def refusingPort(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1"):
         yield held.getsockname()[1]
 
 
+@pytest.fixture
+def refusedPort():
+    """A TCP port on 127.0.0.1 that refuses every connection for the whole test (L{refusingPort})."""
+    with refusingPort() as port:
+        yield port
+
+
 def pytest_configure(config) -> None:
     # Child processes must not inherit a coverage or warning setup that changes their output.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
