@@ -100,6 +100,19 @@ class Server:
                     )
                 self._changed.wait(min(left, 0.5))
 
+    def waitUntil(self, done, what: str, timeout: float = WAIT):
+        """Wait until C{done(lines)} is true of the log so far, as it grows; return its value."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = done(list(self.lines))
+                if result:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"never {what}; log:\n" + "\n".join(self.lines))
+                self._changed.wait(min(left, 0.5))
+
     def service(self, name: str) -> Listening:
         matches = [entry for entry in self.listening if entry.service == name]
         assert len(matches) == 1, f"{name}: {matches}"
@@ -320,7 +333,7 @@ def refusingPort(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1"):
 
 @pytest.fixture
 def refusedPort():
-    """A TCP port on 127.0.0.1 that refuses every connection for the whole test (L{refusingPort})."""
+    """A TCP port on 127.0.0.1 refusing every connection for the whole test (L{refusingPort})."""
     with refusingPort() as port:
         yield port
 
