@@ -9,8 +9,8 @@ import signal
 import socket
 import stat
 import threading
-import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
@@ -208,13 +208,17 @@ def test_sigterm_drains_every_worker_without_losing_bytes():
     assert "Traceback" not in "\n".join(server.lines)
 
 
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie nobody reaped yet counts as ended)."""
+def killedOrEnded(pid: int) -> bool:
+    """Whether a process has ended, or has a SIGKILL pending (/proc/PID/status)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
-        return False
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields["State"].split()[0] in ("Z", "X"):
+        return True
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
 def echoed(s: socket.socket, data: bytes) -> bytes:
@@ -238,25 +242,28 @@ def test_sigkill_of_the_master_frees_the_port_for_an_immediate_restart():
     old = workerPids(first)
     # An open connection kept a worker draining (and the port bound) for the whole --drain-timeout.
     held = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    ends = {pid: os.pidfd_open(pid) for pid in old.values()}  # readable once the process ends
     try:
         assert echoed(held, b"open") == b"open"
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(WAIT)
+        # The kernel sent each worker SIGKILL as the master ended: by the time the master is
+        # reaped, each has ended or has it pending (no drain, whatever the scheduling).
+        assert [pid for pid in old.values() if not killedOrEnded(pid)] == []
+        for pid, fd in ends.items():
+            assert select.select([fd], [], [], WAIT)[0], f"worker pid {pid} still runs"
         # first.stop() would wait for the end of the output the workers share: not yet.
-        second = startServer(*args)  # at once: it exits with status 1 if the port is still bound
+        second = startServer(*args)  # it exits with status 1 if the port is still bound
         try:
             result = twistsock("echo", f"tcp:127.0.0.1:{port}", "again")
             assert result.returncode == 0 and result.stdout == b"Received: again\n", result.stderr
         finally:
             second.stop()
-        for _ in range(int(WAIT * 10)):
-            if not any(alive(pid) for pid in old.values()):
-                break
-            time.sleep(0.1)
-        assert [pid for pid in old.values() if alive(pid)] == []
     finally:
         held.close()
         first.stop()
+        for fd in ends.values():
+            os.close(fd)
 
 
 def test_during_the_drain_every_process_refuses_new_clients_and_open_ones_finish(short_tmp):
