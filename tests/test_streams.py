@@ -244,24 +244,31 @@ def test_a_plain_client_on_a_tls_port_is_told_to_use_tls(servers, service):
     result = twistsock(
         "send" if service == "sink" else service, "127.0.0.1", port(tls, service), input=b"hello\n"
     )
-    assert result.returncode in (1, 5, 7)
+    assert result.returncode == 7  # the server answered with TLS (its alert)
     (line,) = result.stderr.decode().splitlines()
     assert "tls:HOST:PORT" in line
 
 
 @pytest.mark.parametrize(
-    "service, args", [("echo", ["hello"]), ("upper", ["--timeout", "3", "hello"])]
+    "service, args, statuses",
+    [
+        # echo sends the ClientHello back: not a TLS answer.
+        ("echo", ["hello"], {7}),
+        # upper answers the first line and closes (lost before the handshake finished), unless
+        # the ClientHello has no newline byte at all: then the client times out. Which one is
+        # up to the random bytes in the client's ClientHello (a newline is missing about once
+        # in a hundred), not to timing; either way the advice is tcp:HOST:PORT.
+        ("upper", ["--timeout", "3", "hello"], {1, 4}),
+    ],
 )
-def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(servers, material, service, args):
+def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(
+    servers, material, service, args, statuses
+):
     plain, _, _ = servers
     result = twistsock(
         service, f"tls:localhost:{port(plain, service)}", "--ca", str(material.ca), *args
     )
-    assert result.returncode in (
-        1,
-        4,
-        7,
-    )  # lost, timed out or refused, depending on what the plain service did with the ClientHello
+    assert result.returncode in statuses, result.stderr
     (line,) = result.stderr.decode().splitlines()
     assert "tcp:HOST:PORT" in line
 
