@@ -13,7 +13,7 @@ import threading
 import urllib.error
 import urllib.request
 
-from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
+from conftest import WAIT, echoWhileSignalled, startServer, twistsock
 
 
 def records(server) -> list[dict]:
@@ -204,10 +204,9 @@ def test_metrics_after_known_traffic(tmp_path):
     from twistsock import certs
 
     material = certs.generate(tmp_path)
-    port = freePort()
     server = startServer(
         "--metrics",
-        f"tcp:{port}:interface=127.0.0.1",
+        "tcp:0:interface=127.0.0.1",
         "--max-per-peer",
         "1",
         "--listen",
@@ -223,6 +222,7 @@ def test_metrics_after_known_traffic(tmp_path):
         echo = next(
             e for e in server.listening if e.service == "echo" and e.endpoint.startswith("tcp:")
         )
+        port = server.service("metrics").port
         tls = next(e for e in server.listening if e.endpoint.startswith("ssl:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
         for _ in range(3):
@@ -264,16 +264,16 @@ def test_metrics_after_known_traffic(tmp_path):
 
 
 def test_healthz_says_ok_then_draining():
-    port = freePort()
     server = startServer(
         "--metrics",
-        f"tcp:{port}:interface=127.0.0.1",
+        "tcp:0:interface=127.0.0.1",
         "--drain-timeout",
         "20",
         "--listen",
         "echo@tcp:0:interface=127.0.0.1",
     )
     try:
+        port = server.service("metrics").port
         assert scrape(port, "/healthz") == (200, "ok\n")
         held = connect(server)
         assert isOpen(held)

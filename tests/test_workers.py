@@ -159,16 +159,16 @@ def test_tls_and_unix_endpoints_are_shared_too(short_tmp, tmp_path):
 
 
 def test_metrics_add_up_over_workers_and_udp_stays_in_the_master():
-    metrics = freePort()
     server = start(
         "--metrics",
-        f"tcp:{metrics}:interface=127.0.0.1",
+        "tcp:0:interface=127.0.0.1",
         "--listen",
         "tcp:0:interface=127.0.0.1",
         "--listen",
         "udp:0:interface=127.0.0.1",
     )
     try:
+        metrics = server.service("metrics").port
         tcp = next(e for e in server.listening if e.endpoint.startswith("tcp:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
         for _ in range(10):
