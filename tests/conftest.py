@@ -6,6 +6,7 @@ pytest --reactor=...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -97,6 +98,19 @@ class Server:
                     raise AssertionError(
                         f"no {count} log lines match {pattern!r}; log:\n" + "\n".join(self.lines)
                     )
+                self._changed.wait(min(left, 0.5))
+
+    def waitUntil(self, done, what: str, timeout: float = WAIT):
+        """Wait until C{done(lines)} is true of the log so far, as it grows; return its value."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = done(list(self.lines))
+                if result:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"never {what}; log:\n" + "\n".join(self.lines))
                 self._changed.wait(min(left, 0.5))
 
     def service(self, name: str) -> Listening:
@@ -304,6 +318,30 @@ def freePort() -> int:
             continue
         return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+@contextlib.contextmanager
+def refusingPort(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1"):
+    """
+    A port on C{host} that refuses every connection (TCP) or datagram (UDP,
+    by ICMP) for as long as the block runs, and that no other process can
+    take meanwhile: it is bound by a socket that never listens (TCP), or that
+    is connected elsewhere so that no datagram from a client matches it (UDP).
+    Unlike a port found free and let go, it cannot start answering.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as held:
+        held.bind((host, 0))
+        if kind == socket.SOCK_DGRAM:
+            held.connect((host, 9))
+        yield held.getsockname()[1]
+
+
+@pytest.fixture
+def refusedPort():
+    """A TCP port on 127.0.0.1 refusing every connection for the whole test (L{refusingPort})."""
+    with refusingPort() as port:
+        yield port
 
 
 def pytest_configure(config) -> None:

@@ -295,11 +295,9 @@ def test_send_over_unix(short_tmp, listen):
 
 
 @pytest_twisted.inlineCallbacks
-def test_refused_on_loopback():
-    from conftest import freePort
-
+def test_refused_on_loopback(refusedPort):
     with pytest.raises(client.ConnectionRefused):
-        yield client.echo(("127.0.0.1", freePort()), b"x")
+        yield client.echo(("127.0.0.1", refusedPort), b"x")
 
 
 @pytest_twisted.inlineCallbacks

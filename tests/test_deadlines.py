@@ -67,10 +67,20 @@ def served(port: int, request: bytes, halfClose: bool = False) -> bytes:
         return b"".join(chunks)
 
 
+def refusalCounts(lines: list[str]) -> dict[str, int]:
+    """What the summaries of refusals add up to, by reason."""
+    counts: dict[str, int] = {}
+    for summary in [line for line in lines if "more connections refused in" in line]:
+        for part in summary.rsplit("(", 1)[1].rstrip(")").split(", "):
+            n, reason = part.split(" by ", 1)
+            counts[reason] = counts.get(reason, 0) + int(n)
+    return counts
+
+
 def test_silent_proxy_connections_are_held_to_the_limit_and_closed_by_the_header_deadline():
     server = startServer(
         "--listen", "echo@proxy:tcp:0:interface=127.0.0.1:backlog=4096",
-        "--max-connections", "100", "--proxy-header-timeout", "2", "--idle-timeout", "30",
+        "--max-connections", "100", "--proxy-header-timeout", "5", "--idle-timeout", "30",
     )  # fmt: skip
     sockets: list[socket.socket] = []
     try:
@@ -79,27 +89,25 @@ def test_silent_proxy_connections_are_held_to_the_limit_and_closed_by_the_header
         # Every one of the 2,000 ends: 100 held until the header deadline, the
         # rest refused at accept.
         assert closedByServer(sockets, time.monotonic() + 4 * WAIT) == 2000
+
         # Each connection is one record, or counted in a summary (one per burst: the refusals at
         # accept, then the header timeouts); none was served without a header.
-        deadline = time.monotonic() + WAIT
-        while True:
-            counts: dict[str, int] = {}
-            for summary in [line for line in server.lines if "more connections refused in" in line]:
-                for part in summary.rsplit("(", 1)[1].rstrip(")").split(", "):
-                    n, reason = part.split(" by ", 1)
-                    counts[reason] = counts.get(reason, 0) + int(n)
-            records = [line for line in server.lines if " echo proxy 127.0.0.1:" in line]
-            if len(records) + sum(counts.values()) >= 2000 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        def recordsAndCounts(lines):
+            records = [line for line in lines if " echo proxy 127.0.0.1:" in line]
+            counts = refusalCounts(lines)
+            return (records, counts) if len(records) + sum(counts.values()) >= 2000 else None
+
+        records, counts = server.waitUntil(recordsAndCounts, "2000 connections accounted for")
         assert len(records) + sum(counts.values()) == 2000
         assert set(counts) == {"max connections", "proxy header timeout"}
         timedOut = counts["proxy header timeout"] + sum(
             ": proxy header timeout after " in r for r in records
         )
         refused = counts["max connections"] + sum(": limit after " in r for r in records)
-        assert (timedOut, refused) == (100, 1900)  # held to the limit, all closed by the deadline
-        assert all("(no PROXY header within 2 s)" in r for r in records if "timeout" in r)
+        # Held to the limit, all closed by the deadline. (The 2,000 are accepted in well under a
+        # second, even on a loaded machine: the 5 s deadline of the first 100 comes after.)
+        assert (timedOut, refused) == (100, 1900)
+        assert all("(no PROXY header within 5 s)" in r for r in records if "timeout" in r)
         # Once they are gone, a client with a header is served.
         assert (
             served(port, b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nhello\n", halfClose=True)
@@ -112,6 +120,24 @@ def test_silent_proxy_connections_are_held_to_the_limit_and_closed_by_the_header
     assert any(" echo proxy 192.0.2.7:4000 -> 127.0.0.1:80: " in line for line in server.lines)
 
 
+def connected(sockets: list[socket.socket]) -> None:
+    """Until every socket of L{openMany} has finished connecting (bounded); each must have."""
+    selector = selectors.DefaultSelector()
+    for s in sockets:
+        selector.register(s, selectors.EVENT_WRITE)
+    waiting = len(sockets)
+    deadline = time.monotonic() + WAIT
+    try:
+        while waiting:
+            assert time.monotonic() < deadline, f"{waiting} connections never completed"
+            for key, _ in selector.select(timeout=1):
+                assert key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                selector.unregister(key.fileobj)
+                waiting -= 1
+    finally:
+        selector.close()
+
+
 def test_a_thousand_trickling_clients_are_closed_by_the_line_deadline_while_others_are_served():
     server = startServer(
         "--listen",
@@ -122,33 +148,46 @@ def test_a_thousand_trickling_clients_are_closed_by_the_line_deadline_while_othe
         "30",
     )
     sockets: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
     try:
         port = server.service("upper").port
         sockets = openMany(port, 1000)
-        time.sleep(0.2)
-        started = time.monotonic()
-        ends = 0
-        # A byte from every trickler every half second (never a newline), for at most 30 rounds.
-        for _ in range(30):
-            for s in sockets:
+        connected(sockets)
+        for s in sockets:
+            selector.register(s, selectors.EVENT_READ)
+        trickling = set(sockets)
+        servedWhileAllTrickle = 0
+        deadline = time.monotonic() + 4 * WAIT
+        # A byte from every trickler each round (never a newline), until the server has closed
+        # them all; a legitimate client is served each round meanwhile.
+        while trickling:
+            assert time.monotonic() < deadline, f"{len(trickling)} tricklers are still open"
+            for s in trickling:
                 try:
                     s.send(b"x")
-                except (BlockingIOError, OSError):
-                    pass
-            asked = time.monotonic()
+                except OSError:
+                    pass  # closed by the server: seen below
             assert served(port, b"legitimate\n") == b"LEGITIMATE\n"
-            ends = max(ends, time.monotonic() - asked)
-            time.sleep(0.5)
-            if time.monotonic() - started > 3 + 2:
-                break
-        assert closedByServer(sockets, time.monotonic() + WAIT) == 1000
+            if len(trickling) == len(sockets):
+                servedWhileAllTrickle += 1
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    if key.fileobj.recv(4096):
+                        raise AssertionError("a trickler got an answer")
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    pass
+                selector.unregister(key.fileobj)
+                trickling.discard(key.fileobj)
+        assert servedWhileAllTrickle > 0, "no legitimate client was served while all 1000 trickled"
         server.waitFor(
             r"upper tcp 127\.0\.0\.1:\d+ -> .*: line timeout after \d+\.\d+ s, \d+ bytes in, "
             r"0 bytes out \(no complete line within 3 s\)$",
             count=1000,
         )
-        print(f"slowest legitimate exchange among the tricklers: {ends * 1000:.0f} ms")
     finally:
+        selector.close()
         for s in sockets:
             s.close()
         server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -164,37 +165,67 @@ def test_out_of_file_descriptors_refuses_logs_once_serves_the_rest_and_recovers(
 # -- slow peers --
 
 
-def test_a_byte_at_a_time_is_not_idle_but_the_line_limit_and_then_the_idle_timeout_apply():
+def test_a_byte_at_a_time_is_not_idle_and_silence_then_is():
     server = startServer(
-        "--listen",
-        "upper@tcp:0:interface=127.0.0.1",
-        "--keep-open",
-        "--max-line",
-        "6",
-        "--idle-timeout",
-        "1.5",
-    )
+        "--listen", "upper@tcp:0:interface=127.0.0.1", "--keep-open", "--max-line", "512",
+        "--idle-timeout", "2",
+    )  # fmt: skip
+    try:
+        port = server.service("upper").port
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s,
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT) as witness,
+        ):
+            # A byte every tenth of a second, never a newline, until the idle timeout closes a
+            # silent connection opened at the same time: the line has then taken longer than
+            # the timeout, and was never idle (gaps of 0.1 s against 2 s).
+            sent = 0
+            while not select.select([witness], [], [], 0.1)[0]:
+                assert sent < 500, "the silent connection was never closed"
+                s.sendall(b"a")
+                sent += 1
+            assert closedByServer(witness)
+            s.sendall(b"\n")
+            assert readLine(s) == b"A" * sent + b"\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            s.sendall(b"a")  # then nothing
+            assert closedByServer(s)  # by the idle timeout
+        server.waitFor(r"upper tcp .*: idle timeout after", count=2)
+    finally:
+        server.stop()
+
+
+def test_the_line_limit_holds_however_slowly_the_line_comes():
+    server = startServer(
+        "--listen", "upper@tcp:0:interface=127.0.0.1", "--keep-open", "--max-line", "6",
+        "--idle-timeout", "30",
+    )  # fmt: skip
     try:
         port = server.service("upper").port
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
-            for byte in b"abc\n":  # 2 s for one line: longer than the idle timeout, never idle
-                s.sendall(bytes([byte]))
-                time.sleep(0.5)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"abc\n")
             assert s.recv(100) == b"ABC\n"
-            for byte in b"abcdefgh":  # the limit holds however slowly the line comes
+            for byte in b"abcdefgh":
                 try:
                     s.sendall(bytes([byte]))
                 except OSError:
                     break
-                time.sleep(0.2)
+                # Apart, so that the server reads them one by one: nothing depends on how long.
+                select.select([s], [], [], 0.1)
             assert s.recv(100) == b"error: line longer than 6 bytes\n"
             assert s.recv(100) == b""
-        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
-            s.sendall(b"a")  # then nothing
-            assert closedByServer(s)  # by the idle timeout
-        server.waitFor(r"upper tcp .*: idle timeout after")
     finally:
         server.stop()
+
+
+def readLine(s: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(4096)
+        assert chunk, f"closed after {line!r}"
+        line += chunk
+    return line
 
 
 # -- resets and crashes --

@@ -193,11 +193,11 @@ def readUntil(fd: int, wanted: bytes) -> bytes:
 # -- the client's errors ------------------------------------------------------
 
 
-def test_client_errors_are_one_line_with_documented_statuses(server):
+def test_client_errors_are_one_line_with_documented_statuses(server, refusedPort):
     echo = server.service("echo").target
     cases = [
         (["echo", "nosuch.invalid", "5000", "x"], 2, b"nosuch.invalid port 5000: unknown host"),
-        (["echo", "127.0.0.1", str(freePort()), "x"], 3, b"connection refused"),
+        (["echo", "127.0.0.1", str(refusedPort), "x"], 3, b"connection refused"),
         (
             ["echo", "--timeout", "0.5", server.service("sink").target, "x"],
             4,

@@ -20,7 +20,7 @@ from typing import IO
 
 import pytest
 import pytest_twisted
-from conftest import WAIT, freePort, requireTool, startServer
+from conftest import WAIT, requireTool, startServer
 
 BODY = 50 << 20  # bytes a client offers to send
 
@@ -102,14 +102,13 @@ def metricsServer():
     (server, port, tmpdir).
     """
     tmp = Path(tempfile.mkdtemp(prefix="ts-metrics-tmp-"))
-    port = freePort()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", str(tmp))
         server = startServer(
-            "--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
+            "--metrics", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
         )
     try:
-        yield server, port, tmp
+        yield server, server.service("metrics").port, tmp
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -310,12 +309,12 @@ def ask(s: socket.socket, path: str) -> tuple[int, str]:
 
 
 def test_the_65th_metrics_connection_is_closed_at_once_and_counted():
-    port = freePort()
     server = startServer(
-        "--metrics", f"tcp:{port}:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
+        "--metrics", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=127.0.0.1"
     )
     held: list[socket.socket] = []
     try:
+        port = server.service("metrics").port
         for _ in range(64):
             held.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
         assert ask(held[-1], "/healthz") == (200, "ok\n")  # the 64th is served

@@ -6,13 +6,14 @@ JSON, limits, the idle timeout, draining on SIGTERM, metrics.
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import threading
 import urllib.error
 import urllib.request
 
-from conftest import WAIT, echoWhileSignalled, freePort, startServer, twistsock
+from conftest import WAIT, echoWhileSignalled, startServer, twistsock
 
 
 def records(server) -> list[dict]:
@@ -105,17 +106,38 @@ def test_max_per_peer_counts_each_client_address():
         server.stop()
 
 
+def closedWhileOtherTalks(silent: socket.socket, talker: socket.socket) -> int:
+    """
+    Echo a byte on `talker` every tenth of a second until the server closes
+    `silent` (bounded); return how many echoes came back meanwhile.
+    """
+    exchanges = 0
+    for _ in range(int(WAIT * 10)):
+        if select.select([silent], [], [], 0.1)[0]:
+            try:
+                assert silent.recv(1) == b"", "the silent connection got data"
+            except ConnectionResetError:
+                pass  # an abort
+            return exchanges
+        assert isOpen(talker), f"the talking connection was closed after {exchanges} echoes"
+        exchanges += 1
+    raise AssertionError(f"the silent connection is still open after {WAIT} s")
+
+
 def test_idle_timeout_closes_a_silent_connection_and_spares_others():
-    server = startServer("--idle-timeout", "1", "--listen", "echo@tcp:0:interface=127.0.0.1")
+    server = startServer("--idle-timeout", "2", "--listen", "echo@tcp:0:interface=127.0.0.1")
     try:
-        silent = connect(server)
-        me = silent.getsockname()[1]
-        try:
-            assert silent.recv(1) == b""
-        except ConnectionResetError:
-            pass
+        silent, talker = connect(server), connect(server)
+        me, other = silent.getsockname()[1], talker.getsockname()[1]
+        # The talker, opened with it, is served all along and outlives the silent one.
+        assert closedWhileOtherTalks(silent, talker) > 0
         (line,) = server.waitFor(rf"127\.0\.0\.1:{me} -> ")
-        assert line.endswith("(nothing received for 1 s)") and ": idle timeout after " in line
+        assert line.endswith("(nothing received for 2 s)") and ": idle timeout after " in line
+        assert isOpen(talker)
+        assert not any(f"127.0.0.1:{other} -> " in line for line in server.lines)
+        talker.close()
+        (line,) = server.waitFor(rf"127\.0\.0\.1:{other} -> ")
+        assert ": peer closed after " in line, line
         assert twistsock("echo", server.service("echo").target, "still served").returncode == 0
     finally:
         server.stop()
@@ -182,10 +204,9 @@ def test_metrics_after_known_traffic(tmp_path):
     from twistsock import certs
 
     material = certs.generate(tmp_path)
-    port = freePort()
     server = startServer(
         "--metrics",
-        f"tcp:{port}:interface=127.0.0.1",
+        "tcp:0:interface=127.0.0.1",
         "--max-per-peer",
         "1",
         "--listen",
@@ -201,6 +222,7 @@ def test_metrics_after_known_traffic(tmp_path):
         echo = next(
             e for e in server.listening if e.service == "echo" and e.endpoint.startswith("tcp:")
         )
+        port = server.service("metrics").port
         tls = next(e for e in server.listening if e.endpoint.startswith("ssl:"))
         datagram = next(e for e in server.listening if e.endpoint.startswith("udp:"))
         for _ in range(3):
@@ -242,16 +264,16 @@ def test_metrics_after_known_traffic(tmp_path):
 
 
 def test_healthz_says_ok_then_draining():
-    port = freePort()
     server = startServer(
         "--metrics",
-        f"tcp:{port}:interface=127.0.0.1",
+        "tcp:0:interface=127.0.0.1",
         "--drain-timeout",
         "20",
         "--listen",
         "echo@tcp:0:interface=127.0.0.1",
     )
     try:
+        port = server.service("metrics").port
         assert scrape(port, "/healthz") == (200, "ok\n")
         held = connect(server)
         assert isOpen(held)

@@ -250,24 +250,31 @@ def test_a_plain_client_on_a_tls_port_is_told_to_use_tls(servers, service):
     result = twistsock(
         "send" if service == "sink" else service, "127.0.0.1", port(tls, service), input=b"hello\n"
     )
-    assert result.returncode in (1, 5, 7)
+    assert result.returncode == 7  # the server answered with TLS (its alert)
     (line,) = result.stderr.decode().splitlines()
     assert "tls:HOST:PORT" in line
 
 
 @pytest.mark.parametrize(
-    "service, args", [("echo", ["hello"]), ("upper", ["--timeout", "3", "hello"])]
+    "service, args, statuses",
+    [
+        # echo sends the ClientHello back: not a TLS answer.
+        ("echo", ["hello"], {7}),
+        # upper answers the first line and closes (lost before the handshake finished), unless
+        # the ClientHello has no newline byte at all: then the client times out. Which one is
+        # up to the random bytes in the client's ClientHello (a newline is missing about once
+        # in a hundred), not to timing; either way the advice is tcp:HOST:PORT.
+        ("upper", ["--timeout", "3", "hello"], {1, 4}),
+    ],
 )
-def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(servers, material, service, args):
+def test_a_tls_client_on_a_plain_port_is_told_to_use_tcp(
+    servers, material, service, args, statuses
+):
     plain, _, _ = servers
     result = twistsock(
         service, f"tls:localhost:{port(plain, service)}", "--ca", str(material.ca), *args
     )
-    assert result.returncode in (
-        1,
-        4,
-        7,
-    )  # lost, timed out or refused, depending on what the plain service did with the ClientHello
+    assert result.returncode in statuses, result.stderr
     (line,) = result.stderr.decode().splitlines()
     assert "tcp:HOST:PORT" in line
 
@@ -382,10 +389,33 @@ def test_echo_goes_on_comparing_when_its_reader_stops_reading(servers):
     assert result.stdout.strip() == b"0", result.stderr
 
 
-def test_udp_takes_a_bracketed_ipv6_host(servers):
-    plain, _, _ = servers
-    result = twistsock("udp", "[::1]", "9", "--timeout", "1", "x")
-    assert result.returncode in (3, 4) and b"unknown host" not in result.stderr
+def test_udp_takes_a_bracketed_ipv6_host():
+    """The datagram reaches [::1]: a socket of the test's receives it and answers."""
+    import select
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as peer:
+        peer.bind(("::1", 0))
+        peer.settimeout(WAIT)
+        client = subprocess.Popen(
+            [TWISTSOCK, "udp", "[::1]", str(peer.getsockname()[1]), "x"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            # The datagram, or else the client's end (its stderr closes) with what it said.
+            ready = select.select([peer, client.stderr], [], [], WAIT)[0]
+            assert peer in ready, client.communicate(timeout=WAIT)
+            data, source = peer.recvfrom(100)
+            peer.sendto(b"X", source)
+            out, err = client.communicate(timeout=WAIT)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.communicate()
+    assert data == b"x"
+    assert (client.returncode, out, err) == (0, b"FROM SERVER: X\n", b"")
 
 
 def waitListening(port: int) -> None:

@@ -358,6 +358,34 @@ def test_the_protocol_tells_the_heap_of_its_openssl_connections_and_the_factory_
 # -- a real server and Python's ssl module --------------------------------------------
 
 
+def _queues(local: tuple[str, int], remote: tuple[str, int] | None) -> list[int]:
+    """Receive queues of the IPv4 TCP sockets with these ends (remote None: listening)."""
+
+    def hexAddress(address: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(address[0])[::-1].hex().upper()}:{address[1]:04X}"
+
+    wanted = (hexAddress(local), hexAddress(remote) if remote else "00000000:0000")
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == wanted:
+            queues.append(int(fields[4].split(":")[1], 16))
+    return queues
+
+
+def serverHasRead(sock: socket.socket) -> None:
+    """
+    Until the server has accepted C{sock}'s connection (its listening socket
+    has no connection waiting) and read all that was sent on it (the
+    server's end has nothing left to read), bounded.
+    """
+    server, client = sock.getpeername(), sock.getsockname()
+    deadline = time.monotonic() + WAIT
+    while _queues(server, None) != [0] or _queues(server, client) != [0]:
+        assert time.monotonic() < deadline, "the server never read what was sent"
+        time.sleep(0.01)
+
+
 class TLSClient:
     """Python's ssl module over a connected socket, with the ClientHello sent as the test says."""
 
@@ -386,7 +414,9 @@ class TLSClient:
         hello = self.outgoing.read()
         if firstPart is not None:
             self.sock.sendall(hello[:firstPart])  # nothing, for 0
-            time.sleep(0.3)
+            # The rest only once the server holds the connection and has read the first part:
+            # then the two cannot reach it as one read.
+            serverHasRead(self.sock)
             hello = hello[firstPart:]
         self.sock.sendall(hello)
         for _ in range(20):

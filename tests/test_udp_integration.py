@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import TWIST, WAIT, startServer, twistsock
+from conftest import TWIST, WAIT, refusingPort, startServer, twistsock
 
 SERVICES = ("echo", "upper", "sink", "ack")
 
@@ -29,23 +29,53 @@ def port(server, name) -> int:
     return server.service(name).port
 
 
-def exchange(
-    destination: tuple, data: bytes, *, family=socket.AF_INET, bind=None, timeout=2.0
-) -> bytes | None:
+def exchange(destination: tuple, data: bytes, *, family=socket.AF_INET) -> bytes:
     """
     Send from a connected socket (which drops replies from any other address)
     and wait for one reply.
     """
     with socket.socket(family, socket.SOCK_DGRAM) as s:
-        if bind:
-            s.bind(bind)
-        s.settimeout(timeout)
+        s.settimeout(WAIT)
         s.connect(destination)
         s.send(data)
-        try:
-            return s.recv(70000)
-        except (TimeoutError, ConnectionRefusedError):
-            return None
+        return s.recv(70000)
+
+
+def sender(destination: tuple, bind: tuple = ("127.0.0.1", 0)) -> socket.socket:
+    """A UDP socket bound to `bind` and connected to `destination` (only its replies reach it)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(bind)
+    s.connect(destination)
+    s.settimeout(WAIT)
+    return s
+
+
+def waiting(s: socket.socket) -> list[bytes]:
+    """
+    Every datagram already queued on `s`, without waiting. A refusal (the
+    ICMP error of a port nobody listens on) is raised, never taken as no reply.
+    """
+    s.setblocking(False)
+    found = []
+    try:
+        while True:
+            found.append(s.recv(70000))
+    except BlockingIOError:
+        return found
+    finally:
+        s.settimeout(WAIT)
+
+
+def answeredAfter(server, name: str, s: socket.socket) -> None:
+    """
+    Until the server has handled what `s` sent to service `name`: another
+    socket's marker sent after it is echoed back. A port handles its
+    datagrams in order and sends each reply before reading the next, so any
+    reply to `s` is queued on it by then (loopback delivers at once).
+    """
+    with sender(("127.0.0.1", port(server, name)), bind=("127.0.0.9", 0)) as marker:
+        marker.send(b"marker")
+        assert marker.recv(100) == b"marker"
 
 
 def test_listening_on_the_dual_stack_default(server):
@@ -99,42 +129,34 @@ def test_ipv4_and_ipv6_peers_on_one_port_logged_as_such(server):
 
 
 def test_no_amplification(server):
-    assert exchange(("127.0.0.1", port(server, "ack")), b"x", timeout=0.5) is None
+    with sender(("127.0.0.1", port(server, "ack"))) as s:
+        s.send(b"x")
+        s.send(b"long enough to be acked")
+        # Handled in order: had the short one been answered, its reply would be queued first.
+        assert s.recv(100) == b"I got your message"
+        assert waiting(s) == []
     server.waitFor(r"ack udp \[::\]:\d+ from 127\.0\.0\.1: .*reply larger than request")
-    assert (
-        exchange(("127.0.0.1", port(server, "ack")), b"long enough to be acked")
-        == b"I got your message"
-    )
 
 
 def test_reflecting_source_ports_are_never_answered(server):
-    for source in (11211, 1900):  # memcached, SSDP: unprivileged, so no root needed
-        assert (
-            exchange(
-                ("127.0.0.1", port(server, "echo")),
-                b"loop?",
-                bind=("127.0.0.1", source),
-                timeout=0.5,
-            )
-            is None
-        )
+    sources = [11211, 1900]  # memcached, SSDP: unprivileged, so no root needed
     if os.geteuid() == 0:
-        assert (
-            exchange(
-                ("127.0.0.1", port(server, "echo")), b"loop?", bind=("127.0.0.1", 7), timeout=0.5
-            )
-            is None
-        )
+        sources.append(7)
+    for source in sources:
+        with sender(("127.0.0.1", port(server, "echo")), bind=("127.0.0.1", source)) as s:
+            s.send(b"loop?")
+            answeredAfter(server, "echo", s)
+            assert waiting(s) == [], source
     server.waitFor(r"echo udp \[::\]:\d+ from 127\.0\.0\.1: .*blocked source port")
 
 
 def test_sink_logs_and_answers_nothing(server):
-    assert (
-        exchange(("127.0.0.1", port(server, "sink")), b"Half a league over udp", timeout=0.5)
-        is None
-    )
-    server.waitFor(r"\] 127\.0\.0\.1:\d+ -->Half a league over udp$")
-    server.waitFor(r"sink udp \[::\]:\d+ from 127\.0\.0\.1: .*no reply")
+    with sender(("127.0.0.1", port(server, "sink"))) as s:
+        s.send(b"Half a league over udp")
+        server.waitFor(r"\] 127\.0\.0\.1:\d+ -->Half a league over udp$")
+        # The summary comes from a later turn of the server's loop than the datagram's handling.
+        server.waitFor(r"sink udp \[::\]:\d+ from 127\.0\.0\.1: .*no reply")
+        assert waiting(s) == []
 
 
 def test_rate_limit_holds_with_real_sockets():
@@ -143,17 +165,12 @@ def test_rate_limit_holds_with_real_sockets():
         "--udp-rate", "0.001", "--udp-burst", "5", "--listen", "udp:0:interface=127.0.0.1"
     )
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.5)
-            s.connect(("127.0.0.1", server.service("echo").port))
+        with sender(("127.0.0.1", server.service("echo").port)) as s:
             for i in range(20):
                 s.send(b"%d" % i)
-            replies = []
-            try:
-                while True:
-                    replies.append(s.recv(100))
-            except TimeoutError:
-                pass
+            # Another source (its own bucket) is answered once all twenty were handled.
+            answeredAfter(server, "echo", s)
+            replies = waiting(s)
         assert replies == [b"0", b"1", b"2", b"3", b"4"]
     finally:
         server.stop()
@@ -203,10 +220,8 @@ def test_udp_client_errors(server):
     assert timeout.returncode == 4
     assert b": timed out after 0.6 s: no reply (sink never answers" in timeout.stderr
     server.waitFor(r"-->nobody answers$", count=3)  # the first try and two retries
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as free:
-        free.bind(("127.0.0.1", 0))
-        unused = free.getsockname()[1]
-    refused = twistsock("udp", "127.0.0.1", str(unused), "x")
+    with refusingPort(socket.SOCK_DGRAM) as unused:
+        refused = twistsock("udp", "127.0.0.1", str(unused), "x")
     assert (refused.returncode, refused.stderr) == (
         3,
         f"twistsock: 127.0.0.1 port {unused}: connection refused\n".encode(),
