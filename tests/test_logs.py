@@ -39,6 +39,15 @@ def readAll(fd: int) -> bytes:
 
 def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_counted():
     r, w = os.pipe()
+    # The reader has stopped: the pipe is full before the first line, so that the log
+    # thread blocks on its first write however fast the writer is (a slow writer, e.g.
+    # under coverage, let the thread write between its lines: drops in several bursts).
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"\n" * 65536)
+    except BlockingIOError:
+        os.set_blocking(w, True)
     stream = os.fdopen(w, "w")
     output = LogOutput(stream, limit=16384)
     lines = [
@@ -49,6 +58,7 @@ def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_count
     received = []
     reader = threading.Thread(target=lambda: received.append(readAll(r)))
     reader.start()
+    assert output.flush(WAIT), "the output caught up once read"
     writeInThread(output, [b"after the reader came back\n"])
     assert output.close(WAIT)
     stream.close()
