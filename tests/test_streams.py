@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import TWISTSOCK, WAIT, freePort, startServer, twistsock
@@ -493,3 +495,53 @@ def test_the_tls_client_streams_to_openssl_s_server(material):
         printer.kill()
         printer.wait()
     assert (result.returncode, received) == (0, b"to openssl s_server\n"), result.stderr
+
+
+def answerThenClose(answer, lines: int) -> tuple[int, threading.Thread]:
+    """A server of the test's: answer C{lines} lines of one client, then close cleanly (FIN)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as connection:
+            reader = connection.makefile("rb")
+            for _ in range(lines):
+                connection.sendall(answer(reader.readline()))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest.mark.parametrize(
+    ("mode", "answer", "lines", "status", "says"),
+    [
+        ("echo", lambda line: line, 2, 5, "the server closed before the end of standard input"),
+        ("upper", bytes.upper, 2, 1, "the server closed before the end of standard input"),
+        ("upper", bytes.upper, 1, 0, ""),  # a one-line server: its one answer, then it closes
+    ],
+)
+def test_a_stream_ended_by_the_server_before_its_input_says_so(mode, answer, lines, status, says):
+    """The server closes cleanly while standard input is still open (it died, or stopped)."""
+    port, server = answerThenClose(answer, lines)
+    client = subprocess.Popen(
+        [TWISTSOCK, mode, "127.0.0.1", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        for i in range(lines):
+            client.stdin.write(b"line %d\n" % i)
+            client.stdin.flush()
+            client.stdout.readline()  # its answer came back: the next line
+        server.join(WAIT)
+        status_ = client.wait(WAIT)  # standard input is still open
+        stderr = client.stderr.read().decode()
+    finally:
+        client.kill()
+        client.wait()
+        for stream in (client.stdin, client.stdout, client.stderr):
+            stream.close()
+    assert status_ == status, stderr
+    assert says in stderr

@@ -1590,6 +1590,20 @@ class _Remote(_Reporting):
             )
         if failure is None and not clean:
             failure = _lost(reason)
+        if (
+            failure is None
+            and not delivered
+            and (self.mode == "echo" or (self.mode == "upper" and self.result.linesSent > 1))
+            and self.result.linesReceived >= self.result.linesSent
+            and not self.pending
+        ):
+            # Everything sent so far came back, but standard input went on: the server (an
+            # echo server, or an upper server that answered several lines) stopped early.
+            # A one-line upper server closing after its one answer is what it is meant to do.
+            failure = (EchoMismatch if self.mode == "echo" else ConnectionFailed)(
+                f"the server closed before the end of standard input ({self.result.sent} bytes "
+                "sent so far, all answered)"
+            )
         if failure is None and self.mode == "echo" and self.pending:
             failure = EchoMismatch(
                 f"echo mismatch: the server closed after {self.result.received} of "
