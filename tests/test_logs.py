@@ -516,3 +516,31 @@ def test_numeric_options_name_themselves_and_log_buffer_is_bounded():
     ):
         result = runTwist(*args)
         assert (result.returncode, result.stderr) == (1, message)
+
+
+def test_a_server_whose_standard_output_is_closed_serves_and_stops_cleanly(short_tmp):
+    """`twist sockets >&-`: nowhere to log, which is no reason not to serve."""
+    path = short_tmp / "closed-stdout.sock"
+    server = subprocess.Popen(
+        ["bash", "-c", f'exec "$0" sockets --listen "echo@unix:{path}" >&-', TWIST],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while not path.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(WAIT)
+            s.connect(str(path))
+            s.sendall(b"still served\n")
+            assert s.recv(100) == b"still served\n"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(WAIT) == -signal.SIGTERM
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        stderr = server.stderr.read().decode()
+        server.stderr.close()
+    assert stderr == ""
+    assert not path.exists()

@@ -371,8 +371,11 @@ def observerFactory(
     (C{fileLogObserverFactory}); C{level} is C{twist}'s C{--log-level}.
     """
 
-    def make(stream: IO[str]) -> LineObserver:
+    def make(stream: IO[str] | None) -> LineObserver:
         global current, _direct
+        if stream is None:
+            # twist's standard output was closed (`>&-`): the log goes nowhere, as asked.
+            stream = open(os.devnull, "w", encoding="utf-8")
         observer = LineObserver(
             LogOutput(stream, limit, summary=lambda n: _summary(observer, n)), format
         )
