@@ -56,6 +56,7 @@ def test_host_and_port_in_one_word_get_a_hint(word, hint):
         (["echo", "nosuch:1", "x"], "'nosuch:1': give HOST and PORT as two words (nosuch 1)"),
         (["echo", "localhost", "99999", "x"], "between 1 and 65535"),
         (["echo", "tcp:127.0.0.1:1", "--size=-1"], "must be 0 or more"),
+        (["echo", "tcp:127.0.0.1:1", "--size", "5000000000"], "at most 67108864 (64 MiB"),
         (["echo", "tcp:127.0.0.1:1", "x", "--size", "3"], "either a MESSAGE or --size"),
         (["upper", "tcp:127.0.0.1:1", "--timeout", "0", "x"], "must be more than 0"),
         (

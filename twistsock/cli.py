@@ -166,7 +166,8 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
     echo.add_argument(
         "--size",
         type=_size,
-        help="send N random bytes instead of a message (the classic echo client sends 250)",
+        help="send N random bytes instead of a message, at most 64 MiB (the classic echo "
+        "client sends 250)",
     )
     command(
         "upper",
@@ -276,10 +277,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The most random bytes C{echo --size} makes: they are held in memory, twice (sent and expected).
+MAX_SIZE = 64 << 20
+
+
 def _size(text: str) -> int:
     value = int(_number(text, int))
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SIZE} (64 MiB, held in memory); for more, stream: "
+            f"head -c {value} /dev/urandom | twistsock echo HOST PORT > /dev/null"
+        )
     return value
 
 
