@@ -124,7 +124,9 @@ def _parser() -> tuple[_Parser, argparse._SubParsersAction]:
             "-v",
             "--verbose",
             action="store_true",
-            help="say on standard error where it connects, the TLS it gets, and how long it took",
+            help="say on standard error where it sends from and to, and how long it took"
+            if name == "udp"
+            else "say on standard error where it connects, the TLS it gets, and how long it took",
         )
         sub.add_argument(
             "--timeout",
