@@ -92,22 +92,22 @@ def readAll(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-# -- the seeds' scenarios ---------------------------------------------------
+# -- the classic programs, each scenario -----------------------------------
 
 
-def test_seed_000_streamwrite_to_streamread(server):
+def test_streamwrite_to_streamread(server):
     for target in targets(server, "sink"):
         assert ok(twistsock("send", *target, "Half a league, half a league ... ")) == b""
     server.waitFor(r"-->Half a league, half a league \.\.\. $", count=len(targets(server, "sink")))
     server.waitFor(r"Ending connection$", count=len(targets(server, "sink")))
 
 
-def test_seed_000_send_reads_stdin(server):
+def test_streamwrite_send_reads_stdin(server):
     ok(twistsock("send", server.service("sink").target, input=b"from stdin\n"))
     server.waitFor(r"-->from stdin\\n$")
 
 
-def test_seed_001_echo_250_bytes(server):
+def test_connection_oriented_echo_of_250_bytes(server):
     for target in targets(server, "echo"):
         assert (
             ok(twistsock("echo", *target, "--size", "250"))
@@ -115,7 +115,7 @@ def test_seed_001_echo_250_bytes(server):
         )
 
 
-def test_seed_004_echo_message(server):
+def test_tcp_echo_client_message(server):
     for target in targets(server, "echo"):
         assert ok(twistsock("echo", *target, "Hello, echo!")) == b"Received: Hello, echo!\n"
 
@@ -132,7 +132,7 @@ def test_echo_binary_from_stdin_streams_the_echo_to_stdout(server):
     assert ok(twistsock("echo", server.service("echo").target, input=data)) == data
 
 
-def test_seed_002_upper(server):
+def test_java_tcpclient_upper(server):
     for target in targets(server, "upper"):
         assert ok(twistsock("upper", *target, "hello, world")) == b"FROM SERVER: HELLO, WORLD\n"
     assert (
@@ -141,15 +141,15 @@ def test_seed_002_upper(server):
     )
 
 
-def test_seed_003_ack(server):
+def test_tutorial_client_ack(server):
     for target in targets(server, "ack"):
         assert (
-            ok(twistsock("ack", *target, input=b"Hello from seed 003\n")) == b"I got your message\n"
+            ok(twistsock("ack", *target, input=b"Hello from client.c\n")) == b"I got your message\n"
         )
-    server.waitFor(r"Here is the message: Hello from seed 003$", count=len(targets(server, "ack")))
+    server.waitFor(r"Here is the message: Hello from client.c$", count=len(targets(server, "ack")))
 
 
-def test_seed_003_ack_prompts_on_a_terminal(server):
+def test_tutorial_client_prompts_on_a_terminal(server):
     """The prompt appears only when standard input is a terminal."""
     master, slave = pty.openpty()
     try:

@@ -79,7 +79,7 @@ def test_echo_half_close_sends_pending_then_closes():
     assert transport.producer is None, "a paused self-producer would keep the connection open"
 
 
-def test_upper_one_line_per_connection_like_the_seed():
+def test_upper_one_line_per_connection_like_the_java_server():
     protocol, transport = connect("upper")
     protocol.dataReceived(b"hello World\nsecond line\n")
     assert transport.value() == b"HELLO WORLD\n"
@@ -161,7 +161,7 @@ def test_sink_logs_every_message_with_peer_and_sends_nothing(logged):
     ]
 
 
-def test_ack_logs_message_and_replies_like_the_seed(logged):
+def test_ack_logs_message_and_replies_like_the_tutorials_server(logged):
     protocol, transport = connect("ack")
     protocol.dataReceived(b"Hello there\n")
     assert transport.value() == ACK_REPLY == b"I got your message"
