@@ -146,7 +146,8 @@ def adoptUNIXPort(reactor: Any, fd: int, factory: IProtocolFactory) -> AdoptedUN
     caller still closes C{fd}.
     """
     port = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
-    path = port._bindPath
+    # Twisted 26.10 keeps the path in _bindPath; 26.4 in tcp.Port's port attribute.
+    path = getattr(port, "_bindPath", None) or port.port
     if path[:1] not in (b"\0", "\0"):
         # Twisted chmods an adopted socket's path to the port's mode (0666 by default).
         port.mode = stat.S_IMODE(os.stat(path).st_mode)
