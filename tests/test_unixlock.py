@@ -21,7 +21,11 @@ MODES = pytest.mark.parametrize("mode", [(), ("--workers", "2")], ids=["single",
 def start(mode: tuple[str, ...], *args: str):
     server = startServer(*mode, *args)
     if mode:
-        server.waitFor(r"worker \d+ \(pid \d+\) ready", count=2)
+        try:
+            server.waitFor(r"worker \d+ \(pid \d+\) ready", count=2)
+        except BaseException:
+            server.stop()  # a test that fails here leaves no server behind
+            raise
     return server
 
 

@@ -31,7 +31,11 @@ def workerPids(server) -> dict[int, int]:
 
 def start(*args: str):
     server = startServer("--workers", "2", *args)
-    server.waitFor(r"worker \d+ \(pid \d+\) ready", count=2)
+    try:
+        server.waitFor(r"worker \d+ \(pid \d+\) ready", count=2)
+    except BaseException:
+        server.stop()  # a test that fails here leaves no server behind
+        raise
     return server
 
 
