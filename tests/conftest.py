@@ -151,20 +151,20 @@ def spawn(argv: list[str], *, cwd: Path | None = None, json: bool = False) -> Se
     server = Server(process, json=json)
     server._reader = threading.Thread(target=server._read, daemon=True)
     server._reader.start()
-    _spawned.append(server)
+    _spawned.append(process)
     return server
 
 
-#: Every server a test started: any still running when the session ends is stopped then (a
-#: test that failed before its own clean-up must not leave one behind).
-_spawned: list[Server] = []
+#: Every server process a test started: any still running when the session ends is killed then
+#: (a test that failed before its own clean-up must not leave one behind).
+_spawned: list[subprocess.Popen] = []
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    for server in _spawned:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+    for process in _spawned:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def startServer(
