@@ -38,6 +38,9 @@ def test_parse_listen(text, service, endpoint):
         ("bogus:5000", "bad endpoint 'bogus:5000'"),
         ("tcp:5000:interface=::", "bad endpoint"),
         ("ssl:5443:privateKey=/nonexistent/key.pem", "bad endpoint"),
+        ("tcp:5000:foo=bar", r"tcp: no parameter 'foo'$"),
+        ("tcp6:5000:interface=::1", r"interface given more than once \(a colon in a value"),
+        ("unix:x.sock:mode=999", r"unix: mode is octal digits, as in mode=660$"),
     ],
 )
 def test_parse_listen_errors(text, message):

@@ -10,6 +10,7 @@ C{echo}.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -109,7 +110,24 @@ def checkEndpoint(endpoint: str) -> None:
                 " (no sockets named by systemd: Twisted needs LISTEN_FDNAMES, i.e. "
                 "FileDescriptorName= in the .socket unit or --fdname for systemd-socket-activate)"
             )
-        raise ValueError(f"bad endpoint {endpoint!r}: {errorText(e)}{hint}") from None
+        raise ValueError(f"bad endpoint {endpoint!r}: {_parserError(kind, e)}{hint}") from None
+
+
+def _parserError(kind: str, e: Exception) -> str:
+    """A Twisted endpoint parser's error, in the words of the endpoint string."""
+    text = errorText(e)
+    unknown = re.search(r"got an unexpected keyword argument '(\w+)'", text)
+    if isinstance(e, TypeError) and unknown:
+        return f"{kind}: no parameter {unknown[1]!r}"
+    twice = re.search(r"got multiple values for argument '(\w+)'", text)
+    if isinstance(e, TypeError) and twice:
+        return (
+            f"{kind}: {twice[1]} given more than once (a colon in a value is written \\:, "
+            "as in interface=\\:\\:1)"
+        )
+    if kind == "unix" and "with base 8" in text:
+        return "unix: mode is octal digits, as in mode=660"
+    return text
 
 
 def _checkWrappers(endpoint: str) -> None:
