@@ -10,10 +10,10 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 
 from conftest import WAIT, freePort, requireTool, startServer, twistsock
 from test_haproxy import waitForPort
+from test_operations import metric, scrape
 
 CLIENT = "127.0.0.5"
 
@@ -89,7 +89,9 @@ def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
         # binds its frontend before it starts checking, so five checks mean it is ready.
         checks = 0
         for _ in range(int(WAIT / 0.1)):  # until HAProxy has checked five times (bounded)
-            checks = connectionsCounted(metrics)
+            checks = metric(
+                scrape(metrics)[1], "twistsock_connections_total", service="echo", transport="proxy"
+            )
             if checks >= 5:
                 break
             time.sleep(0.1)
@@ -104,12 +106,3 @@ def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
     assert result.returncode == 0, result.stderr
     records = [line for line in server.lines if "echo proxy " in line]
     assert len(records) == 1 and CLIENT in records[0], records
-
-
-def connectionsCounted(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
-        text = response.read().decode()
-    found = re.search(
-        r'^twistsock_connections_total\{[^}]*service="echo"[^}]*\} (\S+)$', text, re.M
-    )
-    return int(float(found[1])) if found else 0
