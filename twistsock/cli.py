@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from twisted.internet import defer, task
 
@@ -525,15 +525,17 @@ def _out(*parts: bytes) -> None:
         ) from None
 
 
+def _streamOptions(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every stream client function takes, from the command line."""
+    return {"timeout": args.timeout, "ca": args.ca, "cert": args.cert, "family": args.family}
+
+
 def _stream(args, target, mode: str):
     """Standard input to the connection, the replies to standard output, as they come."""
     return lambda reactor: client.relay(
         target,
         mode,
-        timeout=args.timeout,
-        ca=args.ca,
-        cert=args.cert,
-        family=args.family,
+        **_streamOptions(args),
         reactor=reactor,
     ).addCallback(lambda result: None)
 
@@ -544,10 +546,7 @@ def _send(args, target, message):
     return lambda reactor: client.send(
         target,
         message,
-        timeout=args.timeout,
-        ca=args.ca,
-        cert=args.cert,
-        family=args.family,
+        **_streamOptions(args),
         reactor=reactor,
     )
 
@@ -578,10 +577,7 @@ def _echo(args, target, message):
     return lambda reactor: client.echo(
         target,
         data,
-        timeout=args.timeout,
-        ca=args.ca,
-        cert=args.cert,
-        family=args.family,
+        **_streamOptions(args),
         reactor=reactor,
     ).addCallback(show)
 
@@ -595,10 +591,7 @@ def _upper(args, target, message):
     return lambda reactor: client.upper(
         target,
         line,
-        timeout=args.timeout,
-        ca=args.ca,
-        cert=args.cert,
-        family=args.family,
+        **_streamOptions(args),
         reactor=reactor,
     ).addCallback(lambda reply: _out(b"FROM SERVER: ", reply))
 
@@ -615,10 +608,7 @@ def _ack(args, target, message):
     return lambda reactor: client.ack(
         target,
         message,
-        timeout=args.timeout,
-        ca=args.ca,
-        cert=args.cert,
-        family=args.family,
+        **_streamOptions(args),
         reactor=reactor,
     ).addCallback(_out)
 
