@@ -569,16 +569,15 @@ class Connection(Layer):
             self.due, self._stage = connections.due(connections.proxyTicks), PROXY_TIMEOUT
         return True
 
-    #: No record: a load balancer's health check (connected, closed, sent nothing).
-    _quiet = False
-    #: The PROXY header said the proxy made this connection itself (LOCAL, UNKNOWN): a health
-    #: check when nothing is exchanged after it.
-    proxyLocal = False
+    #: The load balancer's own connection, not a client's: it closed before any byte of a PROXY
+    #: header (HAProxy's TCP check), or its header says LOCAL or UNKNOWN (a check with
+    #: send-proxy).  Ended with nothing exchanged, it is a health check: counted, not logged.
+    fromProxy = False
 
     def lostBeforeHeader(self, reason: Failure, received: int) -> None:
         """The connection ended before its PROXY header was whole (C{received} bytes of it)."""
         if self.why is None and not received:
-            self._quiet = True  # HAProxy's TCP check: connect, close (or reset), not a byte
+            self.fromProxy = True
         self.bytesIn += received
         self._ended(PEER_CLOSED, f"before its PROXY header ({received} bytes of it)")
         self.connectionLost(reason)
@@ -730,8 +729,8 @@ class Connection(Layer):
         # (string.Formatter, field by field) cost more than the connection
         # itself.  Every part is still a field of its own for JSON logs.
         factory = self.factory
-        if self._quiet or (
-            self.proxyLocal
+        if (
+            self.fromProxy
             and self.why in (PEER_CLOSED, ERROR)
             and not self.bytesIn
             and not self.bytesOut

@@ -221,7 +221,7 @@ class ProxyHeaderProtocol(Layer):
         length, self._peer, self._host = parsed
         if self._peer is None and self._above is not None:
             # LOCAL (v2) or UNKNOWN (v1): the proxy's own connection, e.g. HAProxy's health check.
-            self._above.proxyLocal = True
+            self._above.fromProxy = True
         rest, self._buffer = self._buffer[length:], b""
         self._passing = True
         if self._timer is not None:
