@@ -14,9 +14,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
-from conftest import TWISTSOCK, WAIT, freePort, startServer, twistsock
+from conftest import TWISTSOCK, WAIT, freePort, requireTool, startServer, twistsock
 
 from twistsock import certs
 
@@ -422,9 +423,6 @@ def test_udp_takes_a_bracketed_ipv6_host():
 
 def waitListening(port: int) -> None:
     """Until something listens on 127.0.0.1:C{port} (bounded)."""
-    import socket
-    import time
-
     for _ in range(200):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -433,29 +431,32 @@ def waitListening(port: int) -> None:
     raise AssertionError(f"nothing listens on {port}")
 
 
-def test_the_tls_client_streams_to_openssl_s_server(material):
-    """
-    An independent TLS server: openssl s_server, reversing lines (-rev), and
-    printing what it receives (-quiet).
-    """
-    from conftest import requireTool
-
-    openssl = requireTool("openssl")
+def opensslServer(material, mode: str, *, stdout: int) -> tuple[int, subprocess.Popen]:
+    """C{openssl s_server} on a port of its own, in C{mode} (C{-rev}, C{-quiet})."""
     port = freePort()
-    reverse = subprocess.Popen(
+    server = subprocess.Popen(
         [
-            openssl,
+            requireTool("openssl"),
             "s_server",
             "-accept",
             f"127.0.0.1:{port}",
             "-cert",
             str(material.server),
-            "-rev",
+            mode,
         ],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
     )
+    return port, server
+
+
+def test_the_tls_client_streams_to_openssl_s_server(material):
+    """
+    An independent TLS server: openssl s_server, reversing lines (-rev), and
+    printing what it receives (-quiet).
+    """
+    port, reverse = opensslServer(material, "-rev", stdout=subprocess.DEVNULL)
     try:
         waitListening(port)  # (the probe is a connection of its own: no -naccept)
         result = twistsock(
@@ -466,21 +467,7 @@ def test_the_tls_client_streams_to_openssl_s_server(material):
         reverse.wait()
     assert (result.returncode, result.stdout) == (0, b"olleh\n"), result.stderr
 
-    port = freePort()
-    printer = subprocess.Popen(
-        [
-            openssl,
-            "s_server",
-            "-accept",
-            f"127.0.0.1:{port}",
-            "-cert",
-            str(material.server),
-            "-quiet",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    port, printer = opensslServer(material, "-quiet", stdout=subprocess.PIPE)
     try:
         waitListening(port)
         result = twistsock(
