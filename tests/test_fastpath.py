@@ -373,3 +373,40 @@ def test_a_failing_close_is_logged_and_the_others_still_close(reactor):
     ]
     p1.close()
     p2.close()
+
+
+# -- a service that is its transport's producer (every stream service) --
+
+
+class SelfProducing(Recorder):
+    """Makes its transport its own producer, as StreamService does."""
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)
+
+
+def test_a_layer_gives_its_transport_the_producer_only_when_output_is_held(pair):
+    from twistsock._layer import Layer
+
+    transport, peer, reactor = pair
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    layer = Layer(SelfProducing())
+    layer.makeConnection(transport)
+    layer.write(b"short")  # sent whole: nothing to pause for
+    assert transport.producer is None and drain(peer) == b"short"
+    layer.write(b"x" * (transport.bufferSize * 4))  # the kernel takes part: the rest is held
+    assert transport.producer is layer and transport.producerPaused
+    layer.unregisterProducer()
+    assert transport.producer is None
+
+
+def test_a_layer_that_never_held_output_unregisters_without_asking_its_transport(pair):
+    from twistsock._layer import Layer
+
+    transport, peer, reactor = pair
+    layer = Layer(SelfProducing())
+    layer.makeConnection(transport)
+    layer.write(b"answer")
+    layer.unregisterProducer()
+    layer.loseConnection()  # Twisted's: no producer to wait for
+    assert transport.producer is None and transport.disconnecting

@@ -20,6 +20,7 @@ otherwise, so a Twisted that changes them is slower, not wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import abstract, tcp
@@ -40,10 +41,13 @@ _ATTRIBUTES = (
 _PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
 
 
-def writeDirectly(transport: Any, data: bytes) -> None:
+def writeDirectly(
+    transport: Any, data: bytes, beforeBuffering: Callable[[], None] | None = None
+) -> None:
     """
     Write C{data} to C{transport} (one that L{canWriteDirectly}): send at
-    once if nothing is buffered, and give Twisted whatever is not sent.
+    once if nothing is buffered, and give Twisted whatever is not sent
+    (calling C{beforeBuffering} first, if given).
     """
     t = transport
     if (
@@ -56,6 +60,8 @@ def writeDirectly(transport: Any, data: bytes) -> None:
         or data.__class__ is not bytes
         or not data
     ):
+        if beforeBuffering is not None:
+            beforeBuffering()
         t.write(data)
         return
     try:
@@ -66,6 +72,8 @@ def writeDirectly(transport: Any, data: bytes) -> None:
         # as it would have.
         sent = 0
     if sent != len(data):
+        if beforeBuffering is not None:
+            beforeBuffering()
         t.write(data[sent:])
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard, cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._direct import canWriteDirectly, loseDirectly, writeDirectly
+from ._tcp import Server as FastServer
 from ._types import IStreamTransport
 
 
@@ -37,13 +38,15 @@ class Layer(Protocol):
     # -- events from the transport below --
 
     def makeConnection(self, transport: Any) -> None:
-        self._direct = canWriteDirectly(transport)
-        Protocol.makeConnection(self, transport)
+        self._direct = transport.__class__ is FastServer or canWriteDirectly(transport)
+        # Protocol.makeConnection, whose connectionMade a Layer does not have.
+        self.connected = 1
+        self.transport = transport
         # We are the wrapped protocol's transport, but do not declare
         # ITransport: Twisted's TLS protocol copies its transport's declared
         # interfaces onto itself (see _halfCloseable), and more of them would
         # change which one it keeps.
-        self.wrapped.makeConnection(cast(ITransport, self))
+        self.wrapped.makeConnection(self)  # type: ignore[arg-type]
 
     def dataReceived(self, data: bytes) -> None:
         self.wrapped.dataReceived(data)
@@ -65,11 +68,12 @@ class Layer(Protocol):
 
     def write(self, data: bytes) -> None:
         if self._direct:
-            writeDirectly(self.transport, data)
+            writeDirectly(self.transport, data, self._producerNow)
         else:
             self.transport.write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
+        self._producerNow()
         self.transport.writeSequence(data)
 
     def loseConnection(self) -> None:
@@ -87,11 +91,31 @@ class Layer(Protocol):
     def getHost(self) -> Any:
         return self.transport.getHost()
 
+    #: The protocol above made us (its transport) our own streaming producer,
+    #: and the transport beneath has not been told yet (see L{registerProducer}).
+    _selfProducing = False
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if producer is self and streaming and self._direct:
+            # Only a transport holding output ever pauses its producer, and
+            # ours holds output only from a write the kernel did not take
+            # whole: it is told then (L{_producerNow}), before that write.
+            # A connection answered in one send never registers at all.
+            self._selfProducing = True
+            return
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
+        if self._selfProducing:
+            self._selfProducing = False
+            return
         self.transport.unregisterProducer()
+
+    def _producerNow(self) -> None:
+        """The transport is about to hold output: give it its producer if it has none yet."""
+        if self._selfProducing:
+            self._selfProducing = False
+            self.transport.registerProducer(cast(IPushProducer, self), True)
 
     # A protocol may register its transport as its own producer: that is us.
     def pauseProducing(self) -> None:
