@@ -30,13 +30,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import logs
+from ._direct import loseDirectly, writeDirectly
 from ._format import describe, errorText, oneLine
 from ._layer import Layer
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
 
-    from .services import LineService
 
 #: Seconds a TLS client has to finish its handshake, unless told otherwise.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -433,6 +433,16 @@ class ConnectionFactory(Factory):
             known = None
         return known if known is not None else self.sharedHost(transport.getHost())
 
+    _described: tuple[Any, str] = (None, "")
+
+    def describeHost(self, address: Any) -> str:
+        """C{describe(address)}, kept for the last local address asked (usually the only one)."""
+        last, text = self._described
+        if address is not last:
+            text = describe(address)
+            self._described = (address, text)
+        return text
+
     def sharedHost(self, address: Any) -> Any:
         """
         One object for each local address: every connection keeps its own,
@@ -513,6 +523,10 @@ def _noDelay(transport: Any) -> None:
             pass  # not TCP after all (a UNIX socket behind a wrapper), or already gone
 
 
+#: Where connection records are logged (one logger, not one per connection).
+_RECORDS = Logger(namespace="twistsock.connection.Connection")
+
+
 @implementer(IHandshakeListener)
 class Connection(Layer):
     """
@@ -545,7 +559,7 @@ class Connection(Layer):
     _deadline: Any = None
 
     def __init__(self, factory: ConnectionFactory, wrapped: Any) -> None:
-        super().__init__(wrapped)
+        self.wrapped = wrapped
         self.factory = factory
         self.started = time.monotonic()
 
@@ -585,29 +599,31 @@ class Connection(Layer):
     def makeConnection(self, transport: Any) -> None:
         # Both addresses now: a closed TCP transport can no longer tell its
         # own, and behind proxy: the peer is already the real client.
-        connections = self.factory.connections
-        self.host = self.factory.localAddress(transport)
+        factory = self.factory
+        connections = factory.connections
+        self.host = factory.localAddress(transport)
         if self.admitted:
             # Admitted at accept beneath a PROXY header, which named the client now.
             self.due = self._stage = None
             refused = connections.rekey(self, connections.peerKeyOf(transport))
         else:
-            self.peerKey = connections.peerKeyOf(transport)
+            if connections.maxPerPeer:
+                self.peerKey = connections.peerKeyOf(transport)
             refused = connections.admit(self)
         if refused is not None:
             Protocol.makeConnection(self, transport)
             self._ended(LIMIT, refused)
             transport.abortConnection()
             return
-        if self.factory.transport.tls:
+        if factory.transport.tls:
             _noDelay(transport)  # the handshake is several writes at once
-            self._deadline = self.factory.reactor.callLater(
-                self.factory.handshakeTimeout, self._handshakeTimedOut
+            self._deadline = factory.reactor.callLater(
+                factory.handshakeTimeout, self._handshakeTimedOut
             )
         self._serving = True
-        if connections.lineTicks and self.factory.timesLines:
+        if connections.lineTicks and factory.timesLines:
             self._lines = True
-        super().makeConnection(transport)
+        Layer.makeConnection(self, transport)
 
     def stageTimedOut(self) -> None:
         """The stage in progress (a PROXY header, a line) is past its deadline: close."""
@@ -658,7 +674,7 @@ class Connection(Layer):
             return
         # A line is timed from its first byte: a new one starts when none was
         # waiting, or when this read completed one and left the start of another.
-        service = cast("LineService", self.wrapped)  # factory.timesLines said so
+        service: Any = self.wrapped  # a LineService: factory.timesLines said so
         before = service.lines
         service.dataReceived(data)
         if not service.lineWaiting():
@@ -676,22 +692,29 @@ class Connection(Layer):
             self._nagle = False
             _noDelay(self.transport)
         self.bytesOut += len(data)
-        Layer.write(self, data)
+        if self._direct:
+            writeDirectly(self.transport, data, self._producerNow)
+        else:
+            self.transport.write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         if self.bytesOut and self._nagle:
             self._nagle = False
             _noDelay(self.transport)
         self.bytesOut += sum(map(len, data))
-        self.transport.writeSequence(data)
+        Layer.writeSequence(self, data)
 
     def readConnectionLost(self) -> None:
         self._ended(PEER_CLOSED)
         super().readConnectionLost()
 
     def loseConnection(self) -> None:
-        self._ended(SERVICE_CLOSED)
-        Layer.loseConnection(self)
+        if self.why is None:
+            self.why = SERVICE_CLOSED
+        if self._direct:
+            loseDirectly(self.transport)
+        else:
+            self.transport.loseConnection()
 
     def abortConnection(self) -> None:
         self._ended(SERVICE_CLOSED)
@@ -707,8 +730,10 @@ class Connection(Layer):
             self._ended(
                 HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value)
             )
+        elif self.why is not None:
+            pass  # the first reason given stands
         elif clean:
-            self._ended(PEER_CLOSED)
+            self.why = PEER_CLOSED
         else:
             self._ended(ERROR, errorText(reason.value))
         if self.why in (HANDSHAKE_FAILED, HANDSHAKE_TIMEOUT):
@@ -717,7 +742,7 @@ class Connection(Layer):
             if self._serving:
                 # The service's own last words (sink's "Ending connection") before the record.
                 self._serving = False
-                super().connectionLost(reason)
+                self.wrapped.connectionLost(reason)
         finally:
             self._record()
             if self.admitted:
@@ -745,10 +770,10 @@ class Connection(Layer):
             extra += f", client certificate {self.clientSubject}"
         if factory.worker is not None:
             extra += f", worker {factory.worker}"
-        local, peer = describe(self.host), describe(self.getPeer())
+        local, peer = factory.describeHost(self.host), describe(self.transport.getPeer())
         duration = time.monotonic() - self.started
         logs.record(
-            self.log,
+            _RECORDS,
             record=(
                 f"{factory.serviceName} {factory.transport.name} {peer} -> {local}: "
                 f"{self.why} after {duration:.3f} s, "

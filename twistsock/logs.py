@@ -64,7 +64,8 @@ class LogOutput:
         self._busy = False
         self._idle = False  # the thread waits for lines: the next one wakes it
         self._closed = False
-        self._wake = threading.Condition()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
         self._fd = stream.fileno()
         self._lines: deque[Any] = deque()
         self._thread = threading.Thread(target=self._run, name="twistsock log", daemon=True)
@@ -72,7 +73,7 @@ class LogOutput:
 
     def write(self, line: bytes) -> None:
         """Queue one line (ending in a newline), or count it as dropped."""
-        with self._wake:
+        with self._lock:  # the condition's own lock, without its Python-level __enter__
             if self._closed:
                 self._late(line)
                 return
@@ -252,20 +253,19 @@ class LineObserver:
         the generic walk over the event.
         """
         if self.format is _json:
-            text = fields["record"]
             line = {
                 "time": self.stamp(time.time()),
                 "level": "info",
                 "namespace": namespace,
-                "text": text,
+                "text": fields["record"],
             }
-            for key, value in fields.items():
-                if key != "record" and value.__class__ in _PLAIN_CLASSES:
-                    line[key] = value
-            data = (json.dumps(line, separators=(",", ":")) + "\n").encode(
-                "utf-8", "backslashreplace"
-            )
-            if len(data) <= _CHUNK:
+            line.update(fields)
+            del line["record"]
+            try:
+                data = (_encode(line) + "\n").encode("utf-8", "backslashreplace")
+            except (TypeError, ValueError):
+                data = b""  # a field JSON cannot hold: the generic path leaves it out
+            if 0 < len(data) <= _CHUNK:
                 self.output.write(data)
                 return
         fields.update(
@@ -317,7 +317,7 @@ def _text(observer: LineObserver, event: dict[str, Any]) -> str:
 
 
 _PLAIN = (str, int, float, bool, type(None))
-_PLAIN_CLASSES = frozenset(_PLAIN)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _json(observer: LineObserver, event: dict[str, Any]) -> str:
@@ -340,7 +340,7 @@ def _json(observer: LineObserver, event: dict[str, Any]) -> str:
             short and isinstance(value, str) and len(value) > 100
         ):
             fields[key] = value
-    return json.dumps(fields, separators=(",", ":")) + "\n"
+    return _encode(fields) + "\n"
 
 
 #: The process's log output, once L{observerFactory} made it (for the metrics and signals).

@@ -59,13 +59,9 @@ class StreamService(Protocol):
 
     transport: IStreamTransport
 
-    @property
-    def config(self) -> ServiceConfig:
-        """
-        The settings of this connection's service (the factory's, held once for
-        all its connections).
-        """
-        return self.factory.config if self.factory is not None else _DEFAULT_CONFIG
+    #: The settings of this connection's service: its factory's, held once for
+    #: all its connections (given by L{ServiceFactory.buildProtocol}).
+    config: ServiceConfig = _DEFAULT_CONFIG
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.transport, True)
@@ -349,6 +345,7 @@ class ServiceFactory(Factory[StreamService]):
     def buildProtocol(self, addr: object) -> StreamService:
         protocol = self.protocol()
         protocol.factory = self
+        protocol.config = self.config
         return protocol
 
     def logPrefix(self) -> str:
