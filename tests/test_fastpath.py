@@ -410,3 +410,28 @@ def test_a_layer_that_never_held_output_unregisters_without_asking_its_transport
     layer.unregisterProducer()
     layer.loseConnection()  # Twisted's: no producer to wait for
     assert transport.producer is None and transport.disconnecting
+
+
+class LooksBack(Replier):
+    """Replies and closes, noting whether the other protocols had been closed before it read."""
+
+    others: list[Recorder] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.othersClosed = [bool(p.lost) for p in self.others if p is not self]
+        super().dataReceived(data)
+
+
+def test_a_close_is_made_right_after_its_event_not_at_the_end_of_the_pass(reactor):
+    first, second = LooksBack(), LooksBack()
+    LooksBack.others = [first, second]
+    readers = [readerFor(reactor, p) for p in (first, second)]
+    for _, peer in readers:
+        peer.sendall(b"line\n")
+    reactor.doPoll(0)  # both readable in this one pass
+    assert first.lost and second.lost
+    # Whichever was read second found the other closed already.
+    assert sorted([first.othersClosed, second.othersClosed]) == [[False], [True]]
+    for _, peer in readers:
+        assert drain(peer) == b"REPLY\n"
+        peer.close()

@@ -301,3 +301,25 @@ def test_many_connections_waiting_at_once_are_all_answered(reactor):
         assert drain(c) == b"N%d\n" % i
         c.close()
     assert port.numberAccepts >= 1
+
+
+class AnswersAndLooksBack(Answers):
+    """Answers, and notes whether every connection before it was closed already."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.earlierClosed = all(p.lost for p in Recorder.made if p is not self)
+        super().dataReceived(data)
+
+
+def test_a_connection_answered_at_accept_is_closed_before_the_port_takes_the_next(reactor):
+    port = listen(reactor, AnswersAndLooksBack)
+    clients = [client(port) for _ in range(5)]
+    for c in clients:
+        c.sendall(b"x\n")
+    run(reactor, lambda: len(Recorder.made) == 5 and all(p.lost for p in Recorder.made))
+    # All five were taken in one pass of the port (they were all waiting), and
+    # each found the ones before it closed: not held open to the end of the pass.
+    assert [p.earlierClosed for p in Recorder.made] == [True] * 5
+    for c in clients:
+        assert drain(c) == b"X\n"
+        c.close()

@@ -210,7 +210,10 @@ class Port(tcp.Port):
         accept = sock._accept  # accept(), less the socket object it makes
         family, kind, proto = sock.family, sock.type, sock.proto
         factory: Any = self.factory
-        reactor, build = self.reactor, self._buildAddr
+        reactor: Any = self.reactor
+        build = self._buildAddr
+        # The twistsock reactor's transports waiting to be closed (see closeSoon).
+        closing = getattr(reactor, "_closing", None)
         accepted = 0
         limit = self.numberAccepts
         try:
@@ -245,6 +248,10 @@ class Port(tcp.Port):
                 transport._peer = peer
                 protocol.makeConnection(transport)
                 transport.firstRead()
+                if closing:
+                    # Answered and closed in its first read: closed now, outside its
+                    # protocol's stack, not after every other connection of this pass.
+                    reactor.closeWaiting()
         except BaseException:
             log.deferr()
         # Twisted's scaling of the accept loop.
