@@ -20,7 +20,6 @@ otherwise, so a Twisted that changes them is slower, not wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import abstract, tcp
@@ -41,18 +40,17 @@ _ATTRIBUTES = (
 _PLAIN_WRITES = (abstract.FileDescriptor.write, getattr(tcp.Connection, "write", None))
 
 
-def writeDirectly(
-    transport: Any, data: bytes, beforeBuffering: Callable[[], None] | None = None
-) -> None:
+def writeDirectly(transport: Any, data: bytes, layer: Any = None) -> None:
     """
     Write C{data} to C{transport} (one that L{canWriteDirectly}): send at
     once if nothing is buffered, and give Twisted whatever is not sent
-    (calling C{beforeBuffering} first, if given).
+    (telling C{layer}, a L{twistsock._layer.Layer} above, first).
     """
     t = transport
+    # Nothing buffered: Twisted's doWrite empties dataBuffer once it is all sent.
     if (
         t._tempDataLen
-        or t.offset != len(t.dataBuffer)
+        or t.dataBuffer
         or not t.connected
         or t.disconnecting
         or t._writeDisconnecting
@@ -60,8 +58,8 @@ def writeDirectly(
         or data.__class__ is not bytes
         or not data
     ):
-        if beforeBuffering is not None:
-            beforeBuffering()
+        if layer is not None:
+            layer._producerNow()
         t.write(data)
         return
     try:
@@ -72,8 +70,8 @@ def writeDirectly(
         # as it would have.
         sent = 0
     if sent != len(data):
-        if beforeBuffering is not None:
-            beforeBuffering()
+        if layer is not None:
+            layer._producerNow()
         t.write(data[sent:])
 
 

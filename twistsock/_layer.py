@@ -68,7 +68,7 @@ class Layer(Protocol):
 
     def write(self, data: bytes) -> None:
         if self._direct:
-            writeDirectly(self.transport, data, self._producerNow)
+            writeDirectly(self.transport, data, self)
         else:
             self.transport.write(data)
 

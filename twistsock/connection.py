@@ -222,12 +222,20 @@ class Connections:
         (a read in tick K is at most one tick old when tick K+1 begins, so
         silence is only certain from tick K + idle + 1 on), and every one
         past the deadline of the stage it is in.
+
+        A read is not stamped when it happens (that would be work on every
+        read): a connection whose byte count moved since the last sweep read
+        during the tick that just ended.
         """
         self.tick = tick = self.tick + 1
         oldest = tick - self._idleTicks if self._idleTicks else -1
-        late = [
-            c for c in self.active if c.lastTick < oldest or (c.due is not None and c.due <= tick)
-        ]
+        late = []
+        for c in self.active:
+            received = c.bytesIn
+            if received != c.sweptBytes:
+                c.sweptBytes, c.lastTick = received, tick - 1
+            if c.lastTick < oldest or (c.due is not None and c.due <= tick):
+                late.append(c)
         for connection in late:
             if connection.due is not None and connection.due <= tick:
                 connection.stageTimedOut()
@@ -251,6 +259,7 @@ class Connections:
             self.opened[key] += 1
             self.activeBy[key] += 1
             connection.lastTick = self.tick
+            connection.sweptBytes = connection.bytesIn
             connection.admitted = True
             return None
         self.refused[(key[0], reason)] += 1
@@ -540,7 +549,10 @@ class Connection(Layer):
 
     bytesIn = 0
     bytesOut = 0
+    #: The last tick in which the peer sent something (see Connections.sweep).
     lastTick = 0
+    #: bytesIn as the last sweep saw it.
+    sweptBytes = 0
     peerKey: str | None = None
     why: str | None = None
     detail: str | None = None
@@ -666,12 +678,11 @@ class Connection(Layer):
     # -- counting and reasons --
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytesIn += len(data)
-        connections = self.factory.connections
-        self.lastTick = connections.tick
+        self.bytesIn += len(data)  # which is what the idle sweep looks at
         if not self._lines:
             self.wrapped.dataReceived(data)
             return
+        connections = self.factory.connections
         # A line is timed from its first byte: a new one starts when none was
         # waiting, or when this read completed one and left the start of another.
         service: Any = self.wrapped  # a LineService: factory.timesLines said so
@@ -688,17 +699,17 @@ class Connection(Layer):
     _nagle = True
 
     def write(self, data: bytes) -> None:
-        if self.bytesOut and self._nagle:
+        if self._nagle and self.bytesOut:
             self._nagle = False
             _noDelay(self.transport)
         self.bytesOut += len(data)
         if self._direct:
-            writeDirectly(self.transport, data, self._producerNow)
+            writeDirectly(self.transport, data, self)
         else:
             self.transport.write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
-        if self.bytesOut and self._nagle:
+        if self._nagle and self.bytesOut:
             self._nagle = False
             _noDelay(self.transport)
         self.bytesOut += sum(map(len, data))

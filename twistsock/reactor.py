@@ -31,6 +31,8 @@ from . import _tcp
 
 _NO_FILEDESC = error.ConnectionFdescWentAway("File descriptor lost")
 _DONE = Failure(CONNECTION_DONE)
+_READABLE = EPollReactor._POLL_IN
+Server = _tcp.Server
 
 
 class TwistsockReactor(EPollReactor):
@@ -102,13 +104,47 @@ class TwistsockReactor(EPollReactor):
         dispatch = self._doReadOrWrite
         for fd, event in events:
             selectable = get(fd)
-            if selectable is not None:
+            if selectable is None:
+                continue
+            if event == _READABLE:
+                # Readable and nothing else, the usual event: _doReadOrWrite's
+                # steps for it, without the call.
+                inRead = True
+                why: BaseException | None
+                try:
+                    if selectable.fileno() == -1:
+                        why, inRead = _NO_FILEDESC, False
+                    elif selectable.__class__ is Server:
+                        # Server.doRead inline: the read every message of a connection makes.
+                        why = None
+                        try:
+                            data = selectable.socket.recv(selectable.bufferSize)
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            why = CONNECTION_LOST
+                        else:
+                            if data:
+                                selectable.protocol.dataReceived(data)
+                            else:
+                                why = CONNECTION_DONE
+                    else:
+                        why = selectable.doRead()
+                except BaseException:
+                    why, inRead = sys.exc_info()[1], False
+                    log.err(system=_prefix(selectable))
+                if why:
+                    try:
+                        self._disconnectSelectable(selectable, why, inRead)
+                    except BaseException:
+                        log.err(system=_prefix(selectable))
+            else:
                 try:
                     dispatch(selectable, fd, event)
                 except BaseException:
                     log.err(system=_prefix(selectable))
-                if closing:
-                    self.closeWaiting()
+            if closing:
+                self.closeWaiting()
 
     doIteration = doPoll
 
