@@ -31,7 +31,9 @@ are not changed.
 
 from __future__ import annotations
 
+import _socket
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -40,6 +42,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+_RESET = struct.pack("ii", 1, 0)
 
 
 class Server(tcp.Server):
@@ -137,6 +140,24 @@ class Server(tcp.Server):
         del self.socket
         del self.fileno
         protocol.connectionLost(reason)
+
+    def _closeSocket(self, orderly: bool) -> None:
+        # _SocketCloser._closeSocket, closing the socket object without the
+        # Python-level socket.close (no makefile() objects exist for it).
+        skt = self.socket
+        try:
+            if orderly:
+                skt.shutdown(socket.SHUT_RDWR)
+            else:
+                # SO_LINGER 1, 0: the close sends a reset (an abort).
+                skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
+        skt._closed = True  # type: ignore[attr-defined]
+        try:
+            _socket.socket.close(skt)
+        except OSError:
+            pass
 
     def doRead(self) -> Any:
         # tcp.Connection.doRead and _dataReceived, in one call.
