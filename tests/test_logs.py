@@ -77,9 +77,8 @@ def test_a_reader_that_stops_reading_never_blocks_the_writer_and_drops_are_count
     assert len(kept) + output.dropped == 5000
 
 
-def test_lines_are_written_whole_in_writes_of_at_most_4096_bytes(tmp_path):
-    """Workers share one pipe: POSIX keeps writes of PIPE_BUF bytes or less from interleaving."""
-    path = tmp_path / "log"
+def spyOnWrites(monkeypatch) -> list[int]:
+    """The size of every os.write from now on."""
     writes: list[int] = []
     real = os.write
 
@@ -87,16 +86,50 @@ def test_lines_are_written_whole_in_writes_of_at_most_4096_bytes(tmp_path):
         writes.append(len(data))
         return real(fd, data)
 
+    monkeypatch.setattr(os, "write", spy)
+    return writes
+
+
+LINES = [b"%d %s\n" % (i, b"y" * 300) for i in range(200)]  # 61 KiB in all
+
+
+def test_lines_to_a_pipe_are_written_whole_in_writes_of_at_most_4096_bytes(monkeypatch):
+    """Workers share one pipe: POSIX keeps writes of PIPE_BUF bytes or less from interleaving."""
+    readFd, writeFd = os.pipe()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(readFd, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    with open(writeFd, "w") as stream:
+        output = LogOutput(stream)
+        writes = spyOnWrites(monkeypatch)
+        writeInThread(output, LINES)
+        assert output.close(WAIT)
+        monkeypatch.undo()
+    reader.join(WAIT)
+    os.close(readFd)
+    assert writes and max(writes) <= 4096
+    assert bytes(received).splitlines(keepends=True) == LINES
+
+
+def test_lines_to_a_regular_file_are_written_in_fewer_bigger_writes(tmp_path, monkeypatch):
+    """A regular file is written whole under its lock: no need for PIPE_BUF-sized writes."""
+    path = tmp_path / "log"
+    assert sum(map(len, LINES)) < 64 * 1024
     with open(path, "w") as stream:
         output = LogOutput(stream)
-        os.write = spy
-        try:
-            writeInThread(output, [b"%d %s\n" % (i, b"y" * 300) for i in range(200)])
-            assert output.close(WAIT)
-        finally:
-            os.write = real
-    assert writes and max(writes) <= 4096
-    assert len(path.read_bytes().splitlines()) == 200
+        writes = spyOnWrites(monkeypatch)
+        with output._lock:  # the writing thread waits until every line is queued
+            for line in LINES:
+                output.write(line)
+        assert output.close(WAIT)
+        monkeypatch.undo()
+    assert writes == [sum(map(len, LINES))]  # one write, not one per 4 KiB
+    assert path.read_bytes().splitlines(keepends=True) == LINES
 
 
 def test_reopen_follows_a_rotated_file(tmp_path):
