@@ -323,3 +323,32 @@ def test_a_connection_answered_at_accept_is_closed_before_the_port_takes_the_nex
     for c in clients:
         assert drain(c) == b"X\n"
         c.close()
+
+
+def test_an_adopted_tcp_socket_gets_twistsocks_port_and_a_unix_one_twisteds(reactor, tmp_path):
+    from twisted.internet import unix
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(5)
+    listening.setblocking(False)
+    port = reactor.adoptStreamPort(listening.fileno(), socket.AF_INET, Factory.forProtocol(Answers))
+    listening.close()  # the port has its own copy (IReactorSocket's contract)
+    assert isinstance(port, _tcp.Port)
+    c = client(port)
+    c.sendall(b"adopted\n")
+    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
+    assert drain(c) == b"ADOPTED\n"
+    c.close()
+
+    path = str(tmp_path / "s")
+    unixListening = socket.socket(socket.AF_UNIX)
+    unixListening.bind(path)
+    unixListening.listen(5)
+    unixListening.setblocking(False)
+    unixPort = reactor.adoptStreamPort(
+        unixListening.fileno(), socket.AF_UNIX, Factory.forProtocol(Recorder)
+    )
+    unixListening.close()
+    assert type(unixPort) is unix.Port
+    unixPort.connectionLost(None)

@@ -18,6 +18,7 @@ Use it with C{twist --reactor=twistsock sockets ...}.
 from __future__ import annotations
 
 import errno
+import socket
 import sys
 from typing import Any
 
@@ -49,6 +50,17 @@ class TwistsockReactor(EPollReactor):
     ) -> _tcp.Port:
         """Listen with twistsock's TCP port (L{twistsock._tcp}): Twisted's, made cheaper."""
         p = _tcp.Port(port, factory, backlog, interface, self)
+        p.startListening()
+        return p
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
+        """
+        Adopt a listening socket (C{--workers}, systemd): a TCP one with
+        twistsock's port, as L{listenTCP}; others as Twisted does.
+        """
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        p = _tcp.Port._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
         p.startListening()
         return p
 
