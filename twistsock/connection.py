@@ -5,9 +5,9 @@ per client; an idle timeout; for TLS a handshake deadline and the verified
 client certificate; the tallies the metrics are made of; and draining at
 shutdown.
 
-The bookkeeping is cheap on purpose: a read stores a tick number and adds to
-a byte count; no timer is armed per read.  One sweep a second (at most)
-closes idle connections.
+The bookkeeping is cheap on purpose: a read adds to a byte count, and no
+timer is armed per read.  One sweep a second (at most) sees which counts
+moved and closes idle connections.
 """
 
 from __future__ import annotations
