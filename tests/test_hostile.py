@@ -219,6 +219,55 @@ def test_the_line_limit_holds_however_slowly_the_line_comes():
         server.stop()
 
 
+@pytest.mark.parametrize("service", ["upper", "ack"])
+def test_a_client_that_sends_more_than_one_line_gets_the_whole_reply_then_the_end(service):
+    """
+    upper and ack answer one line and close: closing with the client's
+    further input unread made the kernel reset the connection and drop the
+    part of the reply not yet received (4096 of 20001 bytes here).
+    """
+    server = startServer(
+        "--listen", f"{service}@tcp:0:interface=127.0.0.1", "--max-line", "100000"
+    )  # fmt: skip
+    try:
+        port = server.service(service).port
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the reply waits in the server
+        s.settimeout(WAIT)
+        s.connect(("127.0.0.1", port))
+        line = b"a" * 20000 + b"\n"
+        s.sendall(line + b"x" * 100000)
+        received = b""
+        while chunk := s.recv(65536):  # a reset raises here
+            received += chunk
+        assert received == (line.upper() if service == "upper" else b"I got your message")
+        s.close()
+        (record,) = server.waitFor(rf"{service} tcp .*: service closed after .* bytes in")
+        assert "120001 bytes in" in record
+    finally:
+        server.stop()
+
+
+def test_a_client_that_never_stops_sending_after_its_line_is_cut_off():
+    server = startServer("--listen", "upper@tcp:0:interface=127.0.0.1")
+    try:
+        port = server.service("upper").port
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            s.sendall(b"one\nz")  # more than the line: the server drains, within a limit
+            assert readLine(s) == b"ONE\n"
+            cutOff = False
+            for _ in range(200):  # 12.5 MiB at most: the limit and both sockets' buffers
+                try:
+                    s.sendall(b"z" * 65536)
+                except OSError:
+                    cutOff = True
+                    break
+            assert cutOff
+        server.waitFor(r"upper tcp .*: service closed after")
+    finally:
+        server.stop()
+
+
 def readLine(s: socket.socket) -> bytes:
     line = b""
     while not line.endswith(b"\n"):

@@ -201,3 +201,71 @@ def test_binary_never_raises(name, chunk, logged):
     feed(protocol, data, chunk)
     protocol.readConnectionLost()
     assert transport.disconnecting
+
+
+class HalfClosing(StringTransport):
+    """A socket transport seen from a service: it can shut down its sending side."""
+
+    writingClosed = False
+    aborted = False
+
+    def closeWriting(self) -> bool:
+        self.writingClosed = True
+        return True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def connectHalfClosing(name: str, config: ServiceConfig = ServiceConfig()):
+    protocol = ServiceFactory(name, config).buildProtocol(PEER)
+    transport = HalfClosing(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize("name", ["upper", "ack"])
+def test_input_left_unread_is_drained_after_the_reply_not_reset(name, logged):
+    """
+    Closing a socket with unread input resets it and loses the reply's tail:
+    the sending side is shut down instead, and input dropped until the peer closes.
+    """
+    protocol, transport = connectHalfClosing(name)
+    protocol.dataReceived(b"one\ntwo\n")
+    assert transport.writingClosed and not transport.disconnecting
+    assert protocol.lineWaiting()  # the line deadline bounds the wait
+    protocol.dataReceived(b"three\n" * 1000)
+    assert not transport.aborted
+    protocol.readConnectionLost()
+    assert transport.disconnecting
+    assert transport.value() == (b"ONE\n" if name == "upper" else ACK_REPLY)
+
+
+def test_a_line_too_long_is_answered_then_the_rest_drained():
+    protocol, transport = connectHalfClosing("upper", ServiceConfig(maxLine=10))
+    protocol.dataReceived(b"x" * 100)
+    assert transport.value() == b"error: line longer than 10 bytes\n"
+    assert transport.writingClosed and not transport.disconnecting
+
+
+def test_a_peer_that_keeps_sending_while_the_server_closes_is_cut_off():
+    protocol, transport = connectHalfClosing("upper")
+    protocol.dataReceived(b"one\nmore")
+    chunk = b"y" * 65536
+    for _ in range(protocol.DISCARD_LIMIT // len(chunk)):
+        protocol.dataReceived(chunk)
+        assert not transport.aborted
+    protocol.dataReceived(chunk)
+    assert transport.aborted
+
+
+def test_nothing_left_unread_closes_at_once():
+    protocol, transport = connectHalfClosing("upper")
+    protocol.dataReceived(b"one\n")
+    assert transport.disconnecting and not transport.writingClosed
+
+
+def test_without_a_half_closeable_transport_the_close_is_as_usual():
+    protocol, transport = connect("upper")  # StringTransport: no closeWriting
+    protocol.dataReceived(b"one\ntwo\n")
+    assert transport.disconnecting

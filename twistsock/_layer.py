@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -84,6 +85,20 @@ class Layer(Protocol):
 
     def abortConnection(self) -> None:
         self.transport.abortConnection()
+
+    def closeWriting(self) -> bool:
+        """
+        Send what is buffered, then shut down the sending side, if the
+        transport beneath the layers is a socket (TLS cannot close one side
+        of its stream); whether it will.
+        """
+        socket = self.transport
+        while isinstance(socket, Layer):
+            socket = socket.transport
+        if not isinstance(socket, FileDescriptor) or not socket.connected or socket.disconnecting:
+            return False
+        self.transport.loseWriteConnection()
+        return True
 
     def getPeer(self) -> Any:
         return self.transport.getPeer()

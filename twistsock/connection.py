@@ -731,6 +731,12 @@ class Connection(Layer):
         self._ended(SERVICE_CLOSED)
         self.transport.abortConnection()
 
+    def closeWriting(self) -> bool:
+        if not Layer.closeWriting(self):
+            return False
+        self._ended(SERVICE_CLOSED)
+        return True
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._deadline is not None:
             self._deadline.cancel()

@@ -52,10 +52,15 @@ class StreamService(Protocol):
     stops reading while more than its buffer limit waits to be sent to a peer
     that does not read.  Half-close: when the peer shuts down its sending
     side, L{inputEnded} runs, what is pending is sent, then the connection
-    closes.
+    closes.  Closing with input left unread: what is pending is sent, then
+    the sending side is shut down and input is read and dropped until the
+    peer closes (see L{finish}).
     """
 
     _finishing = False
+    #: Bytes of unwanted input still to be read and dropped before an abrupt
+    #: close; None unless closing with input left unread (see L{finish}).
+    _discarding: int | None = None
 
     transport: IStreamTransport
 
@@ -70,21 +75,52 @@ class StreamService(Protocol):
         """The peer will send nothing more; override to answer a last time."""
 
     def readConnectionLost(self) -> None:
+        if self._discarding is not None:
+            self.transport.loseConnection()  # the peer stopped sending: done
+            return
         self.inputEnded()
         self.finish()
 
     def writeConnectionLost(self) -> None:
         """Never asked for: we only close both directions."""
 
-    def finish(self) -> None:
-        """Close once everything written so far has been sent."""
+    #: Bytes of unwanted input a closing connection reads and drops at most.
+    DISCARD_LIMIT = 256 * 1024
+
+    def finish(self, inputLeft: bool = False) -> None:
+        """
+        Close once everything written so far has been sent.
+
+        C{inputLeft}: the peer sent more than the service will read.  Closing
+        a socket with unread input makes the kernel reset the connection, and
+        a reset throws away whatever of the reply the peer has not received
+        yet.  So the reply is sent, the sending side shut down (the peer sees
+        the end of the reply), and input is dropped until the peer closes:
+        at most L{DISCARD_LIMIT} bytes, for at most the line deadline (a line
+        service waits for nothing else meanwhile), then the close is abrupt.
+        Over TLS, which cannot shut down one side, the close is as usual.
+        """
         if self._finishing:
             return
         self._finishing = True
         # A paused self-producer would keep a closing transport open forever
         # (FileDescriptor.doWrite resumes it instead of closing), so detach it.
         self.transport.unregisterProducer()
+        if inputLeft:
+            closeWriting = getattr(self.transport, "closeWriting", None)
+            if closeWriting is not None and closeWriting():
+                self._discarding = self.DISCARD_LIMIT
+                return
         self.transport.loseConnection()
+
+    def discard(self, data: bytes) -> None:
+        """Drop input that arrives while closing; close abruptly past the limit."""
+        if self._discarding is None:
+            return
+        self._discarding -= len(data)
+        if self._discarding < 0:
+            self._discarding = None
+            self.transport.abortConnection()
 
     def peer(self) -> str:
         """The client's address as text; behind a PROXY header, the real client."""
@@ -152,10 +188,10 @@ class LineService(StreamService):
 
     def lineWaiting(self) -> bool:
         """
-        Whether part of a line has arrived and waits for the rest (what a line
-        deadline times).
+        Whether part of a line has arrived and waits for the rest, or input
+        the service will not read is still arriving (what a line deadline times).
         """
-        return not self._done and bool(self._buffer)
+        return (not self._done and bool(self._buffer)) or self._discarding is not None
 
     def keepOpen(self) -> bool:
         """Whether to answer more than one line per connection."""
@@ -167,6 +203,7 @@ class LineService(StreamService):
 
     def dataReceived(self, data: bytes) -> None:
         if self._done:
+            self.discard(data)
             return
         buffer = self._buffer
         # Only the new bytes can hold a line ending we have not seen yet: a
@@ -205,8 +242,9 @@ class LineService(StreamService):
 
     def _stop(self) -> None:
         self._done = True
+        inputLeft = bool(self._buffer)  # bytes after the last line answered, or a line too long
         self._buffer.clear()
-        self.finish()
+        self.finish(inputLeft)
 
 
 class Upper(LineService):
