@@ -1455,12 +1455,19 @@ class _Remote(_Reporting):
         if self.mode == "upper" and self.result.sent and not self._endsInNewline:
             self.transport.write(b"\n")  # a last line without its newline is still a line
             self.result.linesSent += 1
+            self._lastByte = b"\n"
         self.transport.unregisterProducer()
         if ISSLTransport.providedBy(self.transport):
             # close_notify: twistsock's servers take it as a half-close.
             self.transport.loseConnection()
         else:
             self.transport.loseWriteConnection()
+
+    @property
+    def _linesStarted(self) -> int:
+        """Lines sent so far, counting one sent in part (the server may close in the middle)."""
+        partial = self.result.sent and not self._endsInNewline
+        return self.result.linesSent + (1 if partial else 0)
 
     @property
     def _endsInNewline(self) -> bool:
@@ -1593,8 +1600,8 @@ class _Remote(_Reporting):
         if (
             failure is None
             and not delivered
-            and (self.mode == "echo" or (self.mode == "upper" and self.result.linesSent > 1))
-            and self.result.linesReceived >= self.result.linesSent
+            and (self.mode == "echo" or (self.mode == "upper" and self._linesStarted > 1))
+            and self.result.linesReceived >= self._linesStarted
             and not self.pending
         ):
             # Everything sent so far came back, but standard input went on: the server (an
@@ -1612,14 +1619,14 @@ class _Remote(_Reporting):
         if (
             failure is None
             and self.mode == "upper"
-            and self.result.linesReceived < self.result.linesSent
+            and self.result.linesReceived < self._linesStarted
         ):
             failure = (
                 ConnectionFailed("the server closed the connection without a reply")
                 if not self.result.received
                 else ConnectionFailed(
                     f"the server closed after answering {self.result.linesReceived} of "
-                    f"{self.result.linesSent} lines "
+                    f"{self._linesStarted} lines "
                     "(it answers one line per connection unless started with --keep-open)"
                 )
             )
