@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import WAIT, freePort, requireTool, startServer, twistsock
 from test_haproxy import waitForPort
 from test_operations import metric, scrape
@@ -62,12 +63,20 @@ def test_clients_keep_being_served_when_an_instance_dies(tmp_path):
     assert len(servedByB) >= 40, "after the kill, B served everyone"
 
 
-def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
-    """HAProxy checks a send-proxy-v2 server with a LOCAL header, then resets: not a client."""
+@pytest.mark.parametrize(
+    "service, option",
+    [
+        ("echo", "send-proxy-v2"),  # a LOCAL header, then a reset
+        ("echo", "send-proxy"),  # a TCP4 header naming HAProxy's own end, then a reset
+        ("sink", "send-proxy-v2"),  # sink says nothing for a check ("Ending connection")
+    ],
+)
+def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path, service, option):
+    """HAProxy's checks are the proxy's own connections, not clients: counted, never logged."""
     haproxy = requireTool("haproxy")
     server = startServer(
         "--listen",
-        "echo@proxy:tcp:0:interface=127.0.0.1",
+        f"{service}@proxy:tcp:0:interface=127.0.0.1",
         "--metrics",
         "tcp:0:interface=127.0.0.1",
     )
@@ -77,7 +86,7 @@ def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
         "defaults\n    mode tcp\n    timeout connect 2s\n"
         "    timeout client 30s\n    timeout server 30s\n"
         f"frontend fe\n    bind 127.0.0.1:{front}\n    default_backend be\n"
-        f"backend be\n    server a 127.0.0.1:{server.service('echo').port} send-proxy-v2"
+        f"backend be\n    server a 127.0.0.1:{server.service(service).port} {option}"
         " check inter 100ms\n"
     )
     proxy = subprocess.Popen(
@@ -89,14 +98,19 @@ def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
         # binds its frontend before it starts checking, so five checks mean it is ready.
         checks = 0
         for _ in range(int(WAIT / 0.1)):  # until HAProxy has checked five times (bounded)
+            tallies = scrape(metrics)[1]
             checks = metric(
-                scrape(metrics)[1], "twistsock_connections_total", service="echo", transport="proxy"
+                tallies, "twistsock_connections_total", service=service, transport="proxy"
             )
             if checks >= 5:
                 break
             time.sleep(0.1)
-        result = twistsock("echo", f"tcp:127.0.0.1:{front}:bindAddress={CLIENT}", "hi")
-        server.waitFor(rf"echo proxy {re.escape(CLIENT)}:\d+ -> ")
+        target = f"tcp:127.0.0.1:{front}:bindAddress={CLIENT}"
+        if service == "echo":
+            result = twistsock("echo", target, "hi")
+        else:
+            result = twistsock("send", target, input=b"hi\n")
+        server.waitFor(rf"{service} proxy {re.escape(CLIENT)}:\d+ -> ")
     finally:
         proxy.terminate()
         proxy.wait(WAIT)
@@ -104,5 +118,8 @@ def test_haproxy_health_checks_are_counted_and_leave_no_record(tmp_path):
         server.stop()
     assert checks >= 5, "HAProxy's checks reached the server and were counted"
     assert result.returncode == 0, result.stderr
-    records = [line for line in server.lines if "echo proxy " in line]
+    records = [line for line in server.lines if f"{service} proxy " in line]
     assert len(records) == 1 and CLIENT in records[0], records
+    if service == "sink":
+        endings = [line for line in server.lines if "Ending connection" in line]
+        assert len(endings) == 1 and CLIENT in endings[0], endings

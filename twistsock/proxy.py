@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._direct import canWriteDirectly
-from ._format import describe, printable
+from ._format import describe, host, printable
 from ._layer import Layer
 from .connection import DEFAULT_PROXY_TIMEOUT, PROXY_INVALID
 from .endpoints import serverFromString
@@ -206,8 +206,15 @@ class ProxyHeaderProtocol(Layer):
         self._buffer = b""
         self.transport.abortConnection()
 
+    #: The header came from the proxy's own connection, and the protocol above
+    #: starts with the first byte after it (see L{dataReceived}).
+    _starting = False
+
     def dataReceived(self, data: bytes) -> None:
         if self._passing:
+            if self._starting:
+                self._starting = False
+                self.wrapped.makeConnection(cast(ITransport, self))
             self.wrapped.dataReceived(data)
             return
         self._buffer += data
@@ -219,14 +226,23 @@ class ProxyHeaderProtocol(Layer):
         if parsed is None:
             return
         length, self._peer, self._host = parsed
-        if self._peer is None and self._above is not None:
-            # LOCAL (v2) or UNKNOWN (v1): the proxy's own connection, e.g. HAProxy's health check.
-            self._above.fromProxy = True
         rest, self._buffer = self._buffer[length:], b""
         self._passing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._above is not None and (
+            self._peer is None or _sameEnd(self._peer, self.transport.getPeer())
+        ):
+            # LOCAL (v2) or UNKNOWN (v1), or a header that names the proxy's own
+            # end of this connection as the client (HAProxy's checks with
+            # send-proxy): the proxy's own connection, e.g. a health check.  The
+            # protocol above starts with its first byte: a check that connects
+            # and closes starts nothing, so is neither logged nor answered.
+            self._above.fromProxy = True
+            if not rest:
+                self._starting = True
+                return
         self.wrapped.makeConnection(cast(ITransport, self))  # as in Layer.makeConnection
         if rest:
             self.wrapped.dataReceived(rest)
@@ -248,20 +264,22 @@ class ProxyHeaderProtocol(Layer):
         self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:
-        if self._passing:
+        if self._passing and not self._starting:
             super().readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        if self._passing:
+        if self._passing and not self._starting:
             super().writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._passing:
+        if self._passing and self._starting:
+            self._above.lostBeforeHeader(reason, 0)  # ended before its first byte: nothing started
+        elif self._passing:
             self.wrapped.connectionLost(reason)
         elif self._above is not None:
             received, self._buffer = len(self._buffer), b""
@@ -278,6 +296,16 @@ class ProxyHeaderProtocol(Layer):
 
     def getHost(self) -> object:
         return self._host if self._host is not None else self.transport.getHost()
+
+
+def _sameEnd(named: object, peer: object) -> bool:
+    """Whether a PROXY header's client is the very end of the connection it came on."""
+    return (
+        isinstance(named, (IPv4Address, IPv6Address))
+        and isinstance(peer, (IPv4Address, IPv6Address))
+        and named.port == peer.port
+        and host(named.host) == host(peer.host)
+    )
 
 
 def _connectionAbove(protocol: Any) -> Any:
