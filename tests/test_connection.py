@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -588,3 +588,20 @@ def test_one_ipv6_client_walking_its_64_is_one_peer(records):
     assert sum(not w.disconnecting for w in wires) == 20
     other = open_(connections, clock, peer=IPv6Address("TCP", "2001:db8:0:2::1", 1))[1]
     assert not other.disconnecting
+
+
+@pytest.mark.parametrize(
+    "lost, reason",
+    [
+        (ConnectionLost(), "error"),  # reset before the reply went out: what the client saw
+        (ConnectionAborted(), "service closed"),  # our own abort after the service closed
+        (ConnectionDone(), "service closed"),
+    ],
+)
+def test_a_service_close_that_ends_in_a_reset_is_an_error(records, lost, reason):
+    protocol, wire = connect("upper")
+    protocol.dataReceived(b"hello\n")  # answered, and the service closes
+    protocol.connectionLost(Failure(lost))
+    (event,) = records()
+    assert event["reason"] == reason
+    assert event["bytes_out"] == len(b"HELLO\n")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -748,7 +748,14 @@ class Connection(Layer):
                 HANDSHAKE_FAILED, "closed by the peer" if clean else errorText(reason.value)
             )
         elif self.why is not None:
-            pass  # the first reason given stands
+            if (
+                self.why == SERVICE_CLOSED
+                and not clean
+                and not isinstance(reason.value, ConnectionAborted)
+            ):
+                # The service closed, but the connection then failed (a reset before
+                # its reply was sent): what the client saw was the error.
+                self.why, self.detail = ERROR, errorText(reason.value)
         elif clean:
             self.why = PEER_CLOSED
         else:
