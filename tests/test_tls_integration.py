@@ -359,3 +359,32 @@ def test_half_finished_handshake_times_out_while_others_are_served(server, mater
     assert re.search(
         r"echo mtls .*: tls handshake timeout after .*\(no handshake within 2 s\)$", line
     ), line
+
+
+@pytest.mark.parametrize("service", ["upper", "ack"])
+def test_a_service_that_closes_sends_close_notify_then_the_end_of_the_stream(
+    server, material, service
+):
+    """
+    A client that waits for the end of the TCP stream, not for TLS's, is not
+    held until the idle timeout; and one that closes without a close_notify of
+    its own, as Python's ssl does, ends the connection cleanly: 'service closed'.
+    """
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(material.ca))
+    raw = socket.create_connection(("127.0.0.1", port(server, service, "ssl")), timeout=WAIT)
+    with context.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"hello\n")
+        received = b""
+        while chunk := s.recv(100):  # until the server's close_notify
+            received += chunk
+        assert received == (b"HELLO\n" if service == "upper" else b"I got your message")
+        # Beneath TLS, the server's FIN follows its close_notify.
+        with socket.socket(fileno=os.dup(s.fileno())) as beneath:
+            beneath.settimeout(WAIT)
+            assert beneath.recv(100) == b""
+        clientPort = s.getsockname()[1]
+    (record,) = server.waitFor(rf"{service} tls 127\.0\.0\.1:{clientPort} -> .*: \w+")
+    assert f"{service} tls 127.0.0.1:{clientPort} -> " in record
+    assert ": service closed after" in record, record

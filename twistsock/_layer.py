@@ -92,13 +92,7 @@ class Layer(Protocol):
         transport beneath the layers is a socket (TLS cannot close one side
         of its stream); whether it will.
         """
-        socket = self.transport
-        while isinstance(socket, Layer):
-            socket = socket.transport
-        if not isinstance(socket, FileDescriptor) or not socket.connected or socket.disconnecting:
-            return False
-        self.transport.loseWriteConnection()
-        return True
+        return closeWriting(self.transport)
 
     def getPeer(self) -> Any:
         return self.transport.getPeer()
@@ -148,6 +142,20 @@ class Layer(Protocol):
         if name.startswith("__") or name in ("transport", "wrapped"):
             raise AttributeError(name)
         return getattr(self.transport, name)
+
+
+def closeWriting(transport: Any) -> bool:
+    """
+    Send what C{transport} holds, then shut down its sending side, if it is
+    a socket, or a L{Layer} over one; whether it will.
+    """
+    socket = transport
+    while isinstance(socket, Layer):
+        socket = socket.transport
+    if not isinstance(socket, FileDescriptor) or not socket.connected or socket.disconnecting:
+        return False
+    transport.loseWriteConnection()
+    return True
 
 
 def _halfCloseable(protocol: IProtocol) -> TypeGuard[IHalfCloseableProtocol]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
+from OpenSSL import SSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.main import CONNECTION_LOST
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from ._direct import canWriteDirectly, writeDirectly
+from ._layer import closeWriting
 from ._types import IStreamTransport
 
 # pyOpenSSL's own bindings: how many bytes a memory BIO holds (pyOpenSSL's
@@ -138,7 +140,10 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
     after the handshake, ends the input the same way (OpenSSL's
     C{SSL_OP_IGNORE_UNEXPECTED_EOF} for services that can half-close: ncat
     and many scripts close so); during the handshake it loses the
-    connection, as in Twisted.
+    connection, as in Twisted.  When the protocol closes, our close_notify is
+    followed by a FIN (Twisted waits for the peer's close_notify with the
+    connection open), and a peer that closes after it without one of its own
+    ends the connection cleanly.
 
     It is a server's protocol, and its OpenSSL connection is made once the
     client's whole ClientHello has come, not when the client connects: until
@@ -164,6 +169,11 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
 
     _inputEnded = False
     _peerGone = False
+    _finSent = False
+
+    def _closeNotifySent(self) -> bool:
+        connection = self._tlsConnection
+        return connection is not None and bool(connection.get_shutdown() & SSL.SENT_SHUTDOWN)
 
     _direct = False
     _delivering = False
@@ -253,6 +263,13 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
         if self._peerGone and not self._lostTLSConnection:
             # The peer sent a FIN: no close_notify will answer ours.
             self.transport.loseConnection()
+        elif self._closeNotifySent() and not self._lostTLSConnection and not self._finSent:
+            # Our close_notify is out and the peer's has not come.  Twisted waits for it
+            # with the connection open, so a client that waits for the end of the stream
+            # (not of TLS) waited for the idle timeout: the FIN follows our close_notify
+            # (as nginx closes), and the peer's close_notify or FIN ends the connection.
+            self._finSent = True
+            closeWriting(self.transport)
 
     def abortConnection(self) -> None:
         # Nothing more leaves: Twisted's abort discards what its transport
@@ -302,6 +319,11 @@ class DirectTLSProtocol(TLSMemoryBIOProtocol):
             self._startTLSNow()
         if self._inputEnded or self._lostTLSConnection:
             self._peerGone = True
+            return
+        if self._closeNotifySent():
+            # The peer closed after our close_notify, without one of its own (as most
+            # clients do, Python's ssl among them): it had everything; a clean end.
+            self._tlsShutdownFinished(None)
             return
         if (
             self._handshakeDone
