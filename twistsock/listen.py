@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import logs
-from ._accepts import AcceptErrors, raiseOpenFileLimit
+from ._accepts import AcceptErrors, openDescriptors, raiseOpenFileLimit
 from ._format import describe, errorText, splitEndpoint
 from ._tlsdirect import useDirectTLS
 from .connection import (
@@ -379,14 +379,17 @@ class SocketsService(MultiService):
                 "open-file limit raised from {before} to {after}", before=before, after=after
             )
         wanted = self.connections.maxConnections
-        if wanted and wanted + 64 > after:
+        # Descriptors open already (the log, the reactor's, Twisted's spare one for
+        # running out), and those each listening port will take.
+        inUse = openDescriptors() + len(list(self)) + 1
+        if wanted and wanted + inUse > after:
             self.log.warn(
                 "the open-file limit ({limit}) is below --max-connections {wanted}: "
                 "connections beyond about {usable} will be refused (raise LimitNOFILE= or "
                 "ulimit -n)",
                 limit=after,
                 wanted=wanted,
-                usable=max(0, after - 64),
+                usable=max(0, after - inUse),
             )
 
     def _ready(self) -> None:
