@@ -24,9 +24,14 @@ changes:
    error but "nothing waiting" to Twisted's own loop, which handles running
    out of descriptors as it always has.
 
+The reactor also closes a connection answered in its first read right
+after it, before the port accepts the next (see
+L{twistsock.reactor.TwistsockReactor.closeSoon}).
+
 Only L{twistsock.reactor.TwistsockReactor} uses them, for its C{listenTCP}
-(every C{tcp:}, C{tcp6:}, C{ssl:} and C{tls:} endpoint); Twisted's classes
-are not changed.
+(every C{tcp:}, C{tcp6:}, C{ssl:}, C{tls:} and C{mtls:} endpoint) and its
+C{adoptStreamPort} (C{--workers}, systemd); Twisted's classes are not
+changed.
 """
 
 from __future__ import annotations
