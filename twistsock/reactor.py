@@ -29,6 +29,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 from . import _tcp
+from ._direct import holdsOutput
 
 _NO_FILEDESC = error.ConnectionFdescWentAway("File descriptor lost")
 _DONE = Failure(CONNECTION_DONE)
@@ -87,9 +88,8 @@ class TwistsockReactor(EPollReactor):
         for t in waiting:
             if not t.connected or getattr(t, "_aborting", False):
                 continue  # lost another way meanwhile (reset), or being aborted
-            if t._tempDataLen or t.offset != len(t.dataBuffer) or t.producer is not None:
-                # Written to, or given a producer, since (holdsOutput): Twisted closes
-                # it after sending.
+            if holdsOutput(t):
+                # Written to, or given a producer, since: Twisted closes it after sending.
                 t.startWriting()
                 continue
             try:
