@@ -146,26 +146,23 @@ def test_upper_sends_every_line_and_prints_every_reply(servers):
     ), result.stderr
 
 
-def test_upper_says_when_the_server_answers_one_line_per_connection(servers):
+@pytest.mark.parametrize(
+    "data, lines",
+    [
+        (b"one\ntwo\nthree\n", 3),
+        # The second line is still being sent when the answer to the first and the end arrive.
+        (b"one\n" + b"b" * 70000 + b"\n", 2),
+    ],
+)
+def test_upper_says_when_the_server_answers_one_line_per_connection(servers, data, lines):
     plain, _, _ = servers
-    result = twistsock("upper", "127.0.0.1", port(plain, "upper"), input=b"one\ntwo\nthree\n")
+    result = twistsock("upper", "127.0.0.1", port(plain, "upper"), input=data)
     assert result.returncode == 1
     assert result.stdout == b"FROM SERVER: ONE\n"
     assert (
-        "answering 1 of 3 lines" in result.stderr.decode()
+        f"answering 1 of {lines} lines" in result.stderr.decode()
         and "--keep-open" in result.stderr.decode()
     )
-
-
-def test_upper_says_so_too_when_the_server_closes_in_the_middle_of_a_long_second_line(servers):
-    """The second line is still being sent when the answer to the first and the end arrive."""
-    plain, _, _ = servers
-    result = twistsock(
-        "upper", "127.0.0.1", port(plain, "upper"), input=b"one\n" + b"b" * 70000 + b"\n"
-    )
-    assert result.returncode == 1
-    assert result.stdout == b"FROM SERVER: ONE\n"
-    assert "answering 1 of 2 lines" in result.stderr.decode()
 
 
 def test_an_error_reply_in_a_stream_exits_8(servers):

@@ -126,6 +126,13 @@ def run(reactor, until, passes=200):
     assert until(), "not reached within the passes allowed"
 
 
+def ended(reactor):
+    """Run until the one connection made so far has ended; its protocol."""
+    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
+    (protocol,) = Recorder.made
+    return protocol
+
+
 def client(port, family=socket.AF_INET, host="127.0.0.1"):
     c = socket.socket(family, socket.SOCK_STREAM)
     c.settimeout(5)
@@ -158,8 +165,7 @@ def test_bytes_waiting_at_accept_are_read_at_once_and_an_answer_never_registers(
     port = listen(reactor, Answers)
     c = client(port)
     c.sendall(b"hello\n")
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
-    (protocol,) = Recorder.made
+    protocol = ended(reactor)
     assert protocol.received == [b"hello\n"]
     assert protocol.lost[0].check(ConnectionDone)
     assert reactor.registered == []  # read, answered and closed without epoll
@@ -216,8 +222,7 @@ def test_a_protocol_that_closes_in_connection_made_is_not_read(reactor):
     port = listen(reactor, ClosesAtOnce)
     c = client(port)
     c.sendall(b"ignored")
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
-    (protocol,) = Recorder.made
+    protocol = ended(reactor)
     assert protocol.received == []
     assert protocol.lost[0].check(ConnectionDone)
     c.close()
@@ -230,7 +235,7 @@ def test_an_error_in_the_first_read_is_logged_with_the_transports_prefix_and_clo
         port = listen(reactor, Explodes)
         c = client(port)
         c.sendall(b"boom")
-        run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
+        ended(reactor)
     finally:
         globalLogPublisher.removeObserver(events.append)
     (protocol,) = Recorder.made
@@ -245,8 +250,7 @@ def test_a_client_gone_before_the_accept_is_a_clean_close(reactor):
     port = listen(reactor, Recorder)
     c = client(port)
     c.close()
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
-    (protocol,) = Recorder.made
+    protocol = ended(reactor)
     assert protocol.received == [] and protocol.lost[0].check(ConnectionDone)
 
 
@@ -255,8 +259,7 @@ def test_a_half_close_waiting_at_accept_reaches_a_half_closeable_protocol(reacto
     c = client(port)
     c.sendall(b"last words")
     c.shutdown(socket.SHUT_WR)
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
-    (protocol,) = Recorder.made
+    protocol = ended(reactor)
     assert protocol.received == [b"last words"] and protocol.inputEnded
     assert drain(c) == b"bye"
     c.close()
@@ -282,8 +285,7 @@ def test_ipv6_peers_keep_their_address_type(reactor):
         pytest.skip("no IPv6 loopback")
     c = client(port, socket.AF_INET6, "::1")
     c.sendall(b"six\n")
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
-    (protocol,) = Recorder.made
+    protocol = ended(reactor)
     peer = protocol.transport.getPeer()
     assert isinstance(peer, IPv6Address) and peer.host == "::1"
     assert peer.port == c.getsockname()[1]
@@ -337,7 +339,7 @@ def test_an_adopted_tcp_socket_gets_twistsocks_port_and_a_unix_one_twisteds(reac
     assert isinstance(port, _tcp.Port)
     c = client(port)
     c.sendall(b"adopted\n")
-    run(reactor, lambda: Recorder.made and Recorder.made[0].lost)
+    ended(reactor)
     assert drain(c) == b"ADOPTED\n"
     c.close()
 
