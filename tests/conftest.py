@@ -29,6 +29,12 @@ TWISTSOCK = str(BIN / "twistsock")
 #: How long a test waits for a process to say something; generous, never a measurement.
 WAIT = 30.0
 
+# A suite started in the background by a script (`pytest &`, as CI runs its second suite) inherits
+# SIGINT ignored, and every process it starts would inherit that too: the tests that interrupt a
+# server, or the twistsock command, need SIGINT as a user's terminal has it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 _LISTENING = re.compile(r"\] (\w+) listening on (\S+) \((.*)\)$")
 
 
