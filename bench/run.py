@@ -351,7 +351,9 @@ def main() -> None:
                         flush=True,
                     )
                 for name, rate in rates.items():
-                    for base in ("asyncio", "uvloop", "C epoll"):
+                    # twistsock against plain Twisted too: the server it is built on.
+                    bases = ("twisted",) if name.startswith("twistsock") else ()
+                    for base in (*bases, "asyncio", "uvloop", "C epoll"):
                         if base in rates:
                             ratios.setdefault((workload.name, f"{name}/{base}"), []).append(
                                 rate / rates[base]
