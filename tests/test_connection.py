@@ -561,6 +561,40 @@ def test_the_per_peer_limit_counts_the_client_the_proxy_header_names(records):
     ]
 
 
+@pytest.mark.parametrize("service", ["echo", "upper", "sink", "ack"])
+def test_a_client_refused_by_its_proxy_header_with_data_in_the_same_read(records, service):
+    """The bytes after the header reach no service: none was started for a refused client."""
+    clock = MemoryReactorClock()
+    connections = Connections(clock, maxPerPeer=1, idleTimeout=0, proxyTimeout=5)
+
+    def proxied():
+        return through(
+            ProxyHeaderFactory(
+                ConnectionFactory(
+                    ServiceFactory(service),
+                    TransportInfo("proxy"),
+                    connections=connections,
+                    reactor=clock,
+                )
+            ),
+            PEER,
+        )
+
+    (held, heldWire), (refused, refusedWire) = proxied(), proxied()
+    held.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n")
+    refused.dataReceived(b"PROXY TCP4 192.0.2.7 127.0.0.1 4001 80\r\nsecond\n")
+    assert refusedWire.disconnecting and refusedWire.value() == b""
+    close(refused)
+    (record,) = records()
+    assert (record["reason"], record["detail"], record["peer"], record["bytes_in"]) == (
+        "limit",
+        "max per peer",
+        "192.0.2.7:4001",
+        0,
+    )
+    assert not heldWire.disconnecting
+
+
 @pytest.mark.parametrize(
     "address, prefixes, key",
     [

@@ -106,6 +106,30 @@ def test_max_per_peer_counts_each_client_address():
         server.stop()
 
 
+def test_a_client_refused_by_its_proxy_header_never_reaches_the_service():
+    """--max-per-peer behind proxy:, the refused client's data in the same packet as its header."""
+    server = startServer("--max-per-peer", "1", "--listen", "echo@proxy:tcp:0:interface=127.0.0.1")
+    header = b"PROXY TCP4 192.0.2.60 127.0.0.1 %d 80\r\n"
+    try:
+        held = connect(server)
+        held.sendall(header % 1000 + b"held\n")
+        assert held.recv(100) == b"held\n"  # served, and counted under 192.0.2.60
+        refused = connect(server)
+        try:
+            refused.sendall(header % 1001 + b"second\n")
+            assert refused.recv(100) == b""  # nothing echoed
+        except ConnectionResetError:
+            pass  # the abort, before or after the send
+        (line,) = server.waitFor(r" 192\.0\.2\.60:1001 -> ")
+        assert re.search(r": limit after .* 0 bytes in, 0 bytes out \(max per peer\)$", line), line
+        assert isOpen(held)
+        held.close()
+        refused.close()
+    finally:
+        server.stop()
+    assert not [line for line in server.lines if "Traceback" in line or "Unhandled" in line]
+
+
 def closedWhileOtherTalks(silent: socket.socket, talker: socket.socket) -> int:
     """
     Echo a byte on `talker` every tenth of a second until the server closes

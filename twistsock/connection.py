@@ -637,6 +637,11 @@ class Connection(Layer):
             self._lines = True
         Layer.makeConnection(self, transport)
 
+    @property
+    def refused(self) -> bool:
+        """Whether the limits refused this connection (it is being closed, never served)."""
+        return self.why == LIMIT
+
     def stageTimedOut(self) -> None:
         """The stage in progress (a PROXY header, a line) is past its deadline: close."""
         stage, self.due, self._stage = self._stage, None, None

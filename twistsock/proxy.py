@@ -215,6 +215,8 @@ class ProxyHeaderProtocol(Layer):
             if self._starting:
                 self._starting = False
                 self.wrapped.makeConnection(cast(ITransport, self))
+                if self._refusedAbove():
+                    return
             self.wrapped.dataReceived(data)
             return
         self._buffer += data
@@ -244,8 +246,16 @@ class ProxyHeaderProtocol(Layer):
                 self._starting = True
                 return
         self.wrapped.makeConnection(cast(ITransport, self))  # as in Layer.makeConnection
-        if rest:
+        if rest and not self._refusedAbove():
             self.wrapped.dataReceived(rest)
+
+    def _refusedAbove(self) -> bool:
+        """
+        Whether the connection layer above refused the client the header
+        named (C{--max-per-peer}): it is being closed, and the bytes that
+        came with the header must not reach a service that never started.
+        """
+        return self._above is not None and self._above.refused
 
     def _refuse(self, why: str) -> None:
         start = printable(self._buffer[:32])
