@@ -361,6 +361,41 @@ def test_half_finished_handshake_times_out_while_others_are_served(server, mater
     ), line
 
 
+@pytest.mark.parametrize("leftover", [b"", b"z"])
+@pytest.mark.parametrize("service", ["upper", "ack"])
+def test_a_client_that_never_stops_sending_after_its_reply_is_cut_off(
+    server, material, service, leftover
+):
+    """
+    After a line service's reply, TLS waits for the client's close_notify with
+    the connection open; a client that keeps sending instead is dropped
+    within the bounds of plain TCP (256 KiB, the line deadline), whether its
+    extra bytes came with its line or after the reply.
+    """
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(material.ca))
+    raw = socket.create_connection(("127.0.0.1", port(server, service, "ssl")), timeout=WAIT)
+    with context.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"one\n" + leftover)
+        reply = b""
+        while not reply.endswith((b"\n", b"message")):
+            chunk = s.recv(100)
+            assert chunk, reply
+            reply += chunk
+        clientPort = s.getsockname()[1]
+        cutOff = False
+        for _ in range(400):  # 25 MiB at most: the limit, both sockets' buffers, TLS records
+            try:
+                s.sendall(b"z" * 65536)
+            except OSError:
+                cutOff = True
+                break
+        assert cutOff
+    (record,) = server.waitFor(rf"{service} tls 127\.0\.0\.1:{clientPort} -> .*: \w+")
+    assert ": service closed after" in record, record
+
+
 @pytest.mark.parametrize("service", ["upper", "ack"])
 def test_a_service_that_closes_sends_close_notify_then_the_end_of_the_stream(
     server, material, service

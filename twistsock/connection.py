@@ -732,8 +732,13 @@ class Connection(Layer):
         else:
             self.transport.loseConnection()
 
+    #: The service aborted the connection itself (TLS reports that loss as
+    #: ConnectionLost, not ConnectionAborted).
+    _aborted = False
+
     def abortConnection(self) -> None:
         self._ended(SERVICE_CLOSED)
+        self._aborted = True
         self.transport.abortConnection()
 
     def closeWriting(self) -> bool:
@@ -756,6 +761,7 @@ class Connection(Layer):
             if (
                 self.why == SERVICE_CLOSED
                 and not clean
+                and not self._aborted
                 and not isinstance(reason.value, ConnectionAborted)
             ):
                 # The service closed, but the connection then failed (a reset before

@@ -98,7 +98,9 @@ class StreamService(Protocol):
         the end of the reply), and input is dropped until the peer closes:
         at most L{DISCARD_LIMIT} bytes, for at most the line deadline (a line
         service waits for nothing else meanwhile), then the close is abrupt.
-        Over TLS, which cannot shut down one side, the close is as usual.
+        Over TLS, which cannot shut down one side, the close is as usual: but
+        TLS then waits for the peer's close_notify with the connection open,
+        and what the peer sends meanwhile is dropped within the same bounds.
         """
         if self._finishing:
             return
@@ -106,10 +108,10 @@ class StreamService(Protocol):
         # A paused self-producer would keep a closing transport open forever
         # (FileDescriptor.doWrite resumes it instead of closing), so detach it.
         self.transport.unregisterProducer()
+        self._discarding = self.DISCARD_LIMIT
         if inputLeft:
             closeWriting = getattr(self.transport, "closeWriting", None)
             if closeWriting is not None and closeWriting():
-                self._discarding = self.DISCARD_LIMIT
                 return
         self.transport.loseConnection()
 
