@@ -103,6 +103,22 @@ def test_every_service_over_every_tls_endpoint(server, material, transport):
     server.waitFor(f"-->sink over {transport}$")
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_empty_input_over_tls_is_a_handshake_then_close_notify(server, material, transport):
+    """Nothing to send is still a TLS session: the handshake, then close_notify (status 0)."""
+    args = tlsArgs(material, transport)
+    name = "mtls" if transport == "mtls" else "tls"  # as records name them
+    empty = re.compile(rf" (sink|echo) {name} .*: peer closed after .*, 0 bytes in, 0 bytes out\b")
+    failed = re.compile(rf" (sink|echo) {name} .*: tls handshake")
+    before = sum(bool(empty.search(line)) for line in server.lines)
+    failedBefore = sum(bool(failed.search(line)) for line in server.lines)
+    ok(twistsock("send", target(server, "sink", transport), *args, ""))
+    assert ok(twistsock("raw", target(server, "echo", transport), *args, input=b"")) == b""
+    # The server saw two clean sessions with nothing in them, and no failed handshake.
+    server.waitFor(empty.pattern, before + 2)
+    assert sum(bool(failed.search(line)) for line in server.lines) == failedBefore
+
+
 def test_ipv6_literals_work_with_tls_targets(server, material):
     p = port(server, "upper", "tls")
     for form in (f"tls:[::1]:{p}", f"tls:\\:\\:1:{p}"):

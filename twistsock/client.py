@@ -525,9 +525,27 @@ log = Logger(namespace="twistsock.client")
 
 
 class _Reporting(Protocol):
-    """Say, at debug level, where a connection goes and what TLS it got."""
+    """
+    Say, at debug level, where a connection goes and what TLS it got; close
+    a TLS connection only once its handshake is done.
+    """
 
     transport: IStreamTransport
+
+    _handshaken = False
+    _closeAfterHandshake = False
+
+    def endTLS(self) -> None:
+        """
+        Send close_notify (the end of our input, to twistsock's servers), once
+        the handshake is done: with nothing written before it (empty input),
+        Twisted would close the TCP connection at once, before the server had
+        even a ClientHello.
+        """
+        if self._handshaken:
+            self.transport.loseConnection()
+        else:
+            self._closeAfterHandshake = True
 
     def makeConnection(self, transport: Any) -> None:
         _declareThrough(transport, self)
@@ -539,6 +557,10 @@ class _Reporting(Protocol):
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
+        self._handshaken = True
+        if self._closeAfterHandshake:
+            self._closeAfterHandshake = False
+            self.transport.loseConnection()
         # A TLS transport's handle is its pyOpenSSL connection (ISystemHandle says object).
         handle = cast(SSL.Connection, self.transport.getHandle())
         certificate = (
@@ -660,10 +682,11 @@ class _Send(_Exchange):
         # Half-close, then wait for the server to close: success means it read it all.
         self.transport.write(self.data)
         halfClose = getattr(self.transport, "loseWriteConnection", None)
-        if ISSLTransport.providedBy(self.transport) or halfClose is None:
-            self._sent = (
-                True  # close_notify (or the close) follows the data; the server's answer ends it
-            )
+        if ISSLTransport.providedBy(self.transport):
+            self._sent = True  # close_notify follows the data; the server's answer ends it
+            self.endTLS()
+        elif halfClose is None:
+            self._sent = True  # the close follows the data
             self.transport.loseConnection()
         else:
             halfClose()
@@ -1459,7 +1482,7 @@ class _Remote(_Reporting):
         self.transport.unregisterProducer()
         if ISSLTransport.providedBy(self.transport):
             # close_notify: twistsock's servers take it as a half-close.
-            self.transport.loseConnection()
+            self.endTLS()
         else:
             self.transport.loseWriteConnection()
 
