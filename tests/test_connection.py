@@ -513,6 +513,29 @@ def test_a_connection_waiting_for_its_proxy_header_counts_against_the_limits(rec
     connections.stop()
 
 
+@pytest.mark.parametrize(
+    "lost, reason, detail",
+    [
+        (ConnectionDone(), "peer closed", "before its PROXY header (11 bytes of it)"),
+        (
+            ConnectionLost(),
+            "error",
+            "Connection to the other side was lost in a non-clean fashion, "
+            "before its PROXY header (11 bytes of it)",
+        ),
+    ],
+)
+def test_a_connection_lost_in_its_proxy_header_says_how(records, lost, reason, detail):
+    """A FIN in the middle of the header is the peer closing; a reset is an error, as elsewhere."""
+    clock = MemoryReactorClock()
+    connections = Connections(clock, idleTimeout=0, proxyTimeout=5)
+    protocol, _ = proxied_(connections, clock)
+    protocol.dataReceived(b"PROXY TCP4 ")
+    protocol.connectionLost(Failure(lost))
+    (record,) = records()
+    assert (record["reason"], record["detail"], record["bytes_in"]) == (reason, detail, 11)
+
+
 def test_the_proxy_header_has_a_deadline_and_timeouts_are_summed_up(records):
     clock = MemoryReactorClock()
     connections = Connections(clock, idleTimeout=30, proxyTimeout=2)

@@ -605,7 +605,11 @@ class Connection(Layer):
         if self.why is None and not received:
             self.fromProxy = True
         self.bytesIn += received
-        self._ended(PEER_CLOSED, f"before its PROXY header ({received} bytes of it)")
+        where = f"before its PROXY header ({received} bytes of it)"
+        if reason is None or isinstance(reason.value, ConnectionDone):
+            self._ended(PEER_CLOSED, where)
+        else:
+            self._ended(ERROR, f"{errorText(reason.value)}, {where}")  # a reset, as elsewhere
         self.connectionLost(reason)
 
     def makeConnection(self, transport: Any) -> None:
