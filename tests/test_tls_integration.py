@@ -114,9 +114,12 @@ def test_empty_input_over_tls_is_a_handshake_then_close_notify(server, material,
     failedBefore = sum(bool(failed.search(line)) for line in server.lines)
     ok(twistsock("send", target(server, "sink", transport), *args, ""))
     assert ok(twistsock("raw", target(server, "echo", transport), *args, input=b"")) == b""
-    # The server saw two clean sessions with nothing in them, and no failed handshake.
-    server.waitFor(empty.pattern, before + 2)
+    assert ok(twistsock("echo", target(server, "echo", transport), *args, "")) == b"Received: \n"
+    # The server saw three clean sessions with nothing in them, and no failed handshake.
+    server.waitFor(empty.pattern, before + 3)
     assert sum(bool(failed.search(line)) for line in server.lines) == failedBefore
+    # Nothing to send still checks the server's certificate.
+    assert twistsock("echo", target(server, "echo", transport), "").returncode == 6
 
 
 def test_ipv6_literals_work_with_tls_targets(server, material):
@@ -410,6 +413,33 @@ def test_a_client_that_never_stops_sending_after_its_reply_is_cut_off(
         assert cutOff
     (record,) = server.waitFor(rf"{service} tls 127\.0\.0\.1:{clientPort} -> .*: \w+")
     assert ": service closed after" in record, record
+
+
+def test_a_client_that_trickles_after_its_reply_is_cut_at_the_line_deadline(material):
+    """Within the line deadline, as over TCP; the record says the service closed."""
+    import ssl
+
+    server = startServer("--line-timeout", "1", "--listen", f"upper@{endpointFor('ssl', material)}")
+    try:
+        context = ssl.create_default_context(cafile=str(material.ca))
+        raw = socket.create_connection(("127.0.0.1", port(server, "upper", "ssl")), timeout=WAIT)
+        with context.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"hello\n")
+            assert s.recv(100) == b"HELLO\n"
+            clientPort = s.getsockname()[1]
+            cutOff = False
+            for _ in range(int(WAIT * 5)):  # a byte every 0.2 s, for WAIT seconds at most
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    cutOff = True
+                    break
+                time.sleep(0.2)
+            assert cutOff
+        (record,) = server.waitFor(rf"upper tls 127\.0\.0\.1:{clientPort} -> ")
+        assert ": service closed after" in record, record
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("service", ["upper", "ack"])

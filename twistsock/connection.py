@@ -677,6 +677,7 @@ class Connection(Layer):
     def closeFor(self, why: str, detail: str) -> None:
         """Close now, for the given reason (idle, shutdown, a deadline)."""
         self._ended(why, detail)
+        self._aborted = True
         self.transport.abortConnection()
 
     def _ended(self, why: str, detail: str | None = None) -> None:
@@ -736,8 +737,8 @@ class Connection(Layer):
         else:
             self.transport.loseConnection()
 
-    #: The service aborted the connection itself (TLS reports that loss as
-    #: ConnectionLost, not ConnectionAborted).
+    #: The service, or a deadline, aborted the connection (TLS reports that
+    #: loss as ConnectionLost, not ConnectionAborted).
     _aborted = False
 
     def abortConnection(self) -> None:
