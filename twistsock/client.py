@@ -719,7 +719,13 @@ class _Echo(_Exchange):
 
     def connectionMade(self) -> None:
         self.transport.write(self.data)
+        if not self.data and not ISSLTransport.providedBy(self.transport):
+            self.succeed(self.data)
+
+    def handshakeCompleted(self) -> None:
+        super().handshakeCompleted()
         if not self.data:
+            # Nothing to echo: the TLS session (the server's certificate, ours) is the check.
             self.succeed(self.data)
 
     def dataReceived(self, chunk: bytes) -> None:
