@@ -59,7 +59,7 @@ class StreamService(Protocol):
 
     _finishing = False
     #: Bytes of unwanted input still to be read and dropped before an abrupt
-    #: close; None unless closing with input left unread (see L{finish}).
+    #: close; None until the service closes (see L{finish}).
     _discarding: int | None = None
 
     transport: IStreamTransport
