@@ -569,6 +569,9 @@ class Connection(Layer):
     _lines = False
     _handshaken = False
     _deadline: Any = None
+    #: We aborted the connection (the service, or a deadline): TLS reports
+    #: that loss as ConnectionLost, not ConnectionAborted.
+    _aborted = False
 
     def __init__(self, factory: ConnectionFactory, wrapped: Any) -> None:
         self.wrapped = wrapped
@@ -677,8 +680,7 @@ class Connection(Layer):
     def closeFor(self, why: str, detail: str) -> None:
         """Close now, for the given reason (idle, shutdown, a deadline)."""
         self._ended(why, detail)
-        self._aborted = True
-        self.transport.abortConnection()
+        self.abortConnection()  # the reason given stands
 
     def _ended(self, why: str, detail: str | None = None) -> None:
         """Say why the connection ends; the first reason given stands."""
@@ -736,10 +738,6 @@ class Connection(Layer):
             loseDirectly(self.transport)
         else:
             self.transport.loseConnection()
-
-    #: The service, or a deadline, aborted the connection (TLS reports that
-    #: loss as ConnectionLost, not ConnectionAborted).
-    _aborted = False
 
     def abortConnection(self) -> None:
         self._ended(SERVICE_CLOSED)
