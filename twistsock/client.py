@@ -535,17 +535,27 @@ class _Reporting(Protocol):
     _handshaken = False
     _closeAfterHandshake = False
 
-    def endTLS(self) -> None:
+    def endInput(self) -> bool:
         """
-        Send close_notify (the end of our input, to twistsock's servers), once
-        the handshake is done: with nothing written before it (empty input),
-        Twisted would close the TCP connection at once, before the server had
-        even a ClientHello.
+        Say we will send nothing more: over TLS, close_notify (twistsock's
+        servers take it as a half-close), sent once the handshake is done (with
+        nothing written before it, Twisted would close the TCP connection at
+        once, before the server had even a ClientHello); else a half-close, or
+        a close where the transport has none.  Whether it was a close (then
+        the data is all out once the server answers).
         """
-        if self._handshaken:
+        if ISSLTransport.providedBy(self.transport):
+            if self._handshaken:
+                self.transport.loseConnection()
+            else:
+                self._closeAfterHandshake = True
+            return True
+        halfClose = getattr(self.transport, "loseWriteConnection", None)
+        if halfClose is None:
             self.transport.loseConnection()
-        else:
-            self._closeAfterHandshake = True
+            return True
+        halfClose()
+        return False
 
     def makeConnection(self, transport: Any) -> None:
         _declareThrough(transport, self)
@@ -681,15 +691,8 @@ class _Send(_Exchange):
     def connectionMade(self) -> None:
         # Half-close, then wait for the server to close: success means it read it all.
         self.transport.write(self.data)
-        halfClose = getattr(self.transport, "loseWriteConnection", None)
-        if ISSLTransport.providedBy(self.transport):
-            self._sent = True  # close_notify follows the data; the server's answer ends it
-            self.endTLS()
-        elif halfClose is None:
-            self._sent = True  # the close follows the data
-            self.transport.loseConnection()
-        else:
-            halfClose()
+        if self.endInput():
+            self._sent = True  # close_notify (or the close) follows the data
 
     def writeConnectionLost(self) -> None:
         self._sent = True  # every byte went out before the FIN
@@ -1486,11 +1489,7 @@ class _Remote(_Reporting):
             self.result.linesSent += 1
             self._lastByte = b"\n"
         self.transport.unregisterProducer()
-        if ISSLTransport.providedBy(self.transport):
-            # close_notify: twistsock's servers take it as a half-close.
-            self.endTLS()
-        else:
-            self.transport.loseWriteConnection()
+        self.endInput()
 
     @property
     def _linesStarted(self) -> int:
