@@ -295,6 +295,20 @@ def requireTool(name: str) -> str:
     return path
 
 
+def cutOffWhileSending(s, data: bytes, times: int, pause: float = 0.0) -> bool:
+    """
+    Send C{data} on C{s} up to C{times} times, C{pause} seconds apart;
+    whether the server cut the connection off first (an error on sending).
+    """
+    for _ in range(times):
+        try:
+            s.sendall(data)
+        except OSError:
+            return True
+        time.sleep(pause)
+    return False
+
+
 def openMany(port: int, count: int) -> list[socket.socket]:
     """
     C{count} connections to 127.0.0.1:C{port}, made without waiting on each

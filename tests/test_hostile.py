@@ -19,7 +19,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import TWIST, WAIT, freePort, runTwist, startServer, twistsock
+from conftest import TWIST, WAIT, cutOffWhileSending, freePort, runTwist, startServer, twistsock
 
 ECHO = "echo@tcp:0:interface=127.0.0.1:backlog=4096"
 TEXT = (TWIST, "--log-format=text")
@@ -257,14 +257,8 @@ def test_a_client_that_never_stops_sending_after_its_line_is_cut_off():
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
             s.sendall(b"one\nz")  # more than the line: the server drains, within a limit
             assert readLine(s) == b"ONE\n"
-            cutOff = False
-            for _ in range(200):  # 12.5 MiB at most: the limit and both sockets' buffers
-                try:
-                    s.sendall(b"z" * 65536)
-                except OSError:
-                    cutOff = True
-                    break
-            assert cutOff
+            # 12.5 MiB at most: the limit and both sockets' buffers.
+            assert cutOffWhileSending(s, b"z" * 65536, 200)
         server.waitFor(r"upper tcp .*: service closed after")
     finally:
         server.stop()

@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import WAIT, requireTool, startServer, twistsock
+from conftest import WAIT, cutOffWhileSending, requireTool, startServer, twistsock
 
 from twistsock import certs
 
@@ -403,14 +403,8 @@ def test_a_client_that_never_stops_sending_after_its_reply_is_cut_off(
             assert chunk, reply
             reply += chunk
         clientPort = s.getsockname()[1]
-        cutOff = False
-        for _ in range(400):  # 25 MiB at most: the limit, both sockets' buffers, TLS records
-            try:
-                s.sendall(b"z" * 65536)
-            except OSError:
-                cutOff = True
-                break
-        assert cutOff
+        # 25 MiB at most: the limit, both sockets' buffers, TLS records.
+        assert cutOffWhileSending(s, b"z" * 65536, 400)
     (record,) = server.waitFor(rf"{service} tls 127\.0\.0\.1:{clientPort} -> .*: \w+")
     assert ": service closed after" in record, record
 
@@ -427,15 +421,8 @@ def test_a_client_that_trickles_after_its_reply_is_cut_at_the_line_deadline(mate
             s.sendall(b"hello\n")
             assert s.recv(100) == b"HELLO\n"
             clientPort = s.getsockname()[1]
-            cutOff = False
-            for _ in range(int(WAIT * 5)):  # a byte every 0.2 s, for WAIT seconds at most
-                try:
-                    s.sendall(b"x")
-                except OSError:
-                    cutOff = True
-                    break
-                time.sleep(0.2)
-            assert cutOff
+            # A byte every 0.2 s, for WAIT seconds at most.
+            assert cutOffWhileSending(s, b"x", int(WAIT * 5), pause=0.2)
         (record,) = server.waitFor(rf"upper tls 127\.0\.0\.1:{clientPort} -> ")
         assert ": service closed after" in record, record
     finally:
